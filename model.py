@@ -34,6 +34,14 @@ class GPTConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # share wte and lm_head weights (the paper's models are untied)
     dropout: float = 0.0  # dropout on attention and residual outputs; 0 for pre-training, as the paper
+    # --- Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k). Off by default ---
+    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off, every block dense, nothing built or computed (paper: 144)
+    n_shared_experts: int = 1  # experts every token passes through, as one SwiGLU of width n_shared_experts * expert_hidden (paper: 1)
+    moe_top_k: int = 8  # K: routed experts per token (paper: 8)
+    expert_hidden: int = 0  # SwiGLU hidden width of one expert; 0 = mlp_hidden / (moe_top_k + n_shared_experts) rounded up to a multiple of 16, the dense MLP's active width (paper: 544 at d=768)
+    n_dense_layers: int = 1  # leading blocks that keep the dense MLP (width mlp_hidden) when MoE is on (paper: 1)
+    moe_aux_weight: float = 0.01  # alpha: weight of the balance loss (mean over MoE layers) in the total (paper: not given; DeepSeek-V2: 0.003 per layer, summed)
+    moe_renorm: bool = False  # rescale each token's K routing weights to sum to 1 (DeepSeek-V2: no, raw softmax scores)
     # --- NITP (spec, "Defaults") ---
     nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
@@ -65,6 +73,26 @@ class GPTConfig:
             raise ValueError(f"nitp_loss={self.nitp_loss!r} must be one of {NITP_LOSSES}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.n_experts:
+            self._init_moe()
+
+    def _init_moe(self):
+        """Derive and check the MoE fields; only called when MoE is on (n_experts > 0)."""
+        if self.expert_hidden == 0:  # iso-active: K routed + shared experts together as wide as the dense MLP
+            self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
+        if self.n_experts < 0:
+            raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 = MoE off)")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]: each token "
+                             f"picks K distinct experts; lower moe_top_k or raise n_experts")
+        if self.n_shared_experts < 0 or self.expert_hidden < 1:
+            raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0 and expert_hidden="
+                             f"{self.expert_hidden} >= 1 (0 = derived from mlp_hidden)")
+        if not 0 <= self.n_dense_layers < self.n_layer:
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layer-1] = [0, {self.n_layer - 1}] "
+                             f"so that at least one MoE layer is built (paper: 1); for a dense model set n_experts=0")
+        if self.moe_aux_weight < 0:
+            raise ValueError(f"moe_aux_weight={self.moe_aux_weight} must be >= 0 (0 = no balance loss)")
 
     @property
     def head_dim(self):
@@ -73,6 +101,14 @@ class GPTConfig:
     @property
     def nitp(self):
         return self.nitp_weight > 0
+
+    def is_moe_layer(self, i):
+        """Whether block i (0-based) gets an MoE feed-forward instead of the dense MLP."""
+        return self.n_experts > 0 and i >= self.n_dense_layers
+
+    @property
+    def n_moe_layers(self):
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
 
 def rotary_tables(head_dim, seq_len, theta):
@@ -127,18 +163,192 @@ class SwiGLU(nn.Module):
         return self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))
 
 
-class Block(nn.Module):
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k routing).
+# Shape legend: T tokens (batch and sequence flattened), E routed experts, K experts per token,
+# D model width, H expert hidden width, N = T*K token-expert pairs, I/O a matmul's in/out width.
+
+GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (tests, bench_moe.py)
+
+
+def _grouped_mm_fits(a, b):
+    """torch._grouped_mm's eager kernels (CPU, and CUDA through its fallback) take fp32, bf16 and
+    fp16 alike, but need every row stride to be a multiple of 16 bytes."""
+    return GROUPED_MM and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1)))
+
+
+def _spans(offs):
+    """Row ranges [start, end) of each expert's group from the cumulative counts offs (E,)."""
+    ends = offs.tolist()
+    return zip([0] + ends[:-1], ends)
+
+
+# The expert matmuls are custom ops so that torch.compile keeps one graph: _grouped_mm's meta kernel
+# accepts only bf16 (it mirrors the CUDA fast path) and the loop needs the offsets on the host.
+@torch.library.custom_op("nitp::expert_mm", mutates_args=())
+def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert times their expert's matrix: (N, I) @ w[e] (E, I, O) -> (N, O),
+    rows offs[e-1]:offs[e] (int32, offs[-1] = N) belonging to expert e."""
+    if _grouped_mm_fits(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.size(0), w.size(-1))  # (N, O)
+    for e, (start, end) in enumerate(_spans(offs)):  # a loop over experts, never over tokens
+        torch.mm(x[start:end], w[e], out=out[start:end])
+    return out
+
+
+@torch.library.custom_op("nitp::expert_mm_wgrad", mutates_args=())
+def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Weight gradient of expert_mm: x[rows of e]^T @ grad[rows of e], (N, I), (N, O) -> (E, I, O).
+    An expert without rows gets an exact zero, so DDP needs no find_unused_parameters."""
+    if _grouped_mm_fits(x, grad):
+        return torch._grouped_mm(x.t(), grad, offs=offs)
+    return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
+
+
+@expert_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.size(0), w.size(-1))
+
+
+@expert_mm_wgrad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.size(0), x.size(1), grad.size(1))
+
+
+def _expert_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernels reject broadcast (stride 0) gradients
+    # The transposed view, made contiguous: _grouped_mm runs ~2x slower on the strided one on CPU.
+    grad_x = expert_mm(grad, w.transpose(1, 2).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    grad_w = expert_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
+
+
+def expert_counts(experts, n_experts):
+    """Tokens routed to each expert, (T, K) ids -> (E,) int64. scatter_add_, unlike bincount, has an
+    output size that does not depend on the data, so torch.compile keeps one graph."""
+    flat = experts.reshape(-1)  # (N,)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(scores, counts, top_k):
+    """DeepSeek-V2's expert-level balance loss without its weight: sum_i f_i P_i, where
+    f_i = E / (K T) * (tokens routed to i) and P_i = mean over tokens of the softmax score of i.
+    1 at perfect balance; at most E / K, reached when K experts take every token and all the score.
+    scores: (T, E) fp32; counts: (E,). Gradient reaches the router through P only (f is counted)."""
+    T, E = scores.shape
+    f = counts.to(scores.dtype) * (E / (top_k * T))  # (E,)
+    return (f * scores.mean(dim=0)).sum()
+
+
+def expert_balance_stats(counts):
+    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the
+    worst layer's max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert)
+    pairs got no token in this batch."""
+    c = counts.detach().double().reshape(-1, counts.size(-1))  # (L, E)
+    imbalance = (c.max(dim=1).values / c.mean(dim=1)).max().item()
+    return dict(imbalance=imbalance, idle=int((c == 0).sum().item()))
+
+
+def _matmul_dtype(x):
+    """The dtype matmuls run in here: autocast's if it is on (custom ops are not autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights, one parameter per projection with a leading expert dim,
+    applied to token rows already sorted by expert with grouped matmuls (no list of modules)."""
+
+    def __init__(self, n_experts, n_embd, hidden):
+        super().__init__()
+        self.c_gate = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_up = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, D), residual output
+        for w in self.parameters():  # GPT scales c_proj down for depth afterwards, as for the dense MLP
+            nn.init.normal_(w, mean=0.0, std=0.02)
+
+    def forward(self, x, offs):
+        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert -> (N, D)."""
+        dtype = _matmul_dtype(x)
+        x = x.to(dtype)
+        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * expert_mm(x, self.c_up.to(dtype), offs)  # (N, H)
+        return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
+    token reaches all K of its experts (no capacity factor, no dropped tokens).
+
+    forward(x (B, T, D)) -> (y (B, T, D), (balance loss (), expert token counts (E,)))."""
+
     def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k, self.renorm = config.n_experts, config.moe_top_k, config.moe_renorm
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)  # weight (E, D)
+        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden)
+        # Shared experts see every token, so they are one dense SwiGLU as wide as all of them together.
+        n_shared = config.n_shared_experts * config.expert_hidden
+        self.shared = SwiGLU(config.n_embd, n_shared) if n_shared else None
+
+    def route(self, x):
+        """(T, D) -> softmax scores (T, E), routing weights (T, K), chosen experts (T, K)."""
+        # fp32 even under bf16 autocast: rounding the logits would flip near-tied top-k choices.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
+        scores = logits.softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)  # (T, K) each
+        if self.renorm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, weights, experts
+
+    def dispatch(self, x, weights, experts, counts):
+        """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
+        T, K = experts.shape
+        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        out = self.experts(x[order // K], offs)  # (N, D), row n is pair order[n], token order[n] // K
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))  # (N,)
+        out = out[rank].view(T, K, -1)  # (T, K, D) back in token order: a gather, deterministic on GPU
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)  # (T, D)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (T', D), T' = B*T tokens
+        scores, weights, experts = self.route(x)
+        counts = expert_counts(experts, self.n_experts)  # (E,)
+        y = self.dispatch(x, weights, experts, counts)  # (T', D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(B, T, D), (load_balance_loss(scores, counts, self.top_k), counts)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.n_embd, config.mlp_hidden)
+        # Dense or MoE, the feed-forward is always `mlp`, so the parameter names keep one layout.
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin):
+        """-> (x, routing): routing is (balance loss, expert counts) for an MoE block, else None.
+        Returned, not stored on the module, so compiled and DDP-wrapped models see plain outputs."""
         x = x + self.attn(self.ln_1(x), cos, sin)
-        return x + F.dropout(self.mlp(self.ln_2(x)), p=self.dropout, training=self.training)
+        y, routing = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
+        return x + F.dropout(y, p=self.dropout, training=self.training), routing
 
 
 class GPT(nn.Module):
@@ -147,7 +357,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -160,7 +370,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+            if name.endswith(("c_proj.weight", "experts.c_proj")):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -182,8 +392,11 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.transformer.wte(idx)  # (B, T, C), layer 0
         z = x if cfg.nitp_layer == 0 else None  # the implicit-token source: only layer k is kept
+        routing = []  # (balance loss, expert counts) of each MoE block
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin)
+            x, block_routing = block(x, cos, sin)
+            if block_routing is not None:
+                routing.append(block_routing)
             if i + 1 == cfg.nitp_layer:
                 z = x
         h = self.transformer.ln_f(x)  # (B, T, C) h_t, what the unembedding sees
@@ -197,7 +410,18 @@ class GPT(nn.Module):
             losses["total"] = ntp + cfg.nitp_weight * losses["nitp"]
         else:
             losses["total"] = ntp
+        if routing:
+            self._add_moe_losses(losses, routing)
         return logits, losses
+
+    def _add_moe_losses(self, losses, routing):
+        """moe_aux: the balance loss averaged over MoE layers, so its scale (1 = perfect balance)
+        does not depend on depth; it enters the total weighted by moe_aux_weight, through the
+        ordinary backward (so loss scaling and accumulation apply to it like any loss).
+        expert_counts: (n_moe_layers, E) int64 tokens per expert, for logging balance."""
+        losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()
+        losses["expert_counts"] = torch.stack([counts for _, counts in routing]).detach()
+        losses["total"] = losses["total"] + self.config.moe_aux_weight * losses["moe_aux"]
 
     def inference_state_dict(self):
         """Weights for inference: everything but nitp_head (spec: zero inference cost). They load
