@@ -277,11 +277,15 @@ class Experts(nn.Module):
         for w in self.parameters():  # GPT scales c_proj down for depth afterwards, as for the dense MLP
             nn.init.normal_(w, mean=0.0, std=0.02)
 
-    def forward(self, x, offs):
-        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert -> (N, D)."""
+    def forward(self, x, offs, scale):
+        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert; scale: (N,) the
+        routing weight of each row -> (N, D) expert outputs times their routing weights."""
         dtype = _matmul_dtype(x)
         x = x.to(dtype)
-        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * expert_mm(x, self.c_up.to(dtype), offs)  # (N, H)
+        # The weight scales the hidden state (H wide) rather than the output (D wide): the same
+        # product, as the down projection is linear, over fewer numbers.
+        up = expert_mm(x, self.c_up.to(dtype), offs) * scale.to(dtype).unsqueeze(-1)  # (N, H)
+        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * up  # (N, H)
         return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
 
 
@@ -315,11 +319,13 @@ class MoE(nn.Module):
         """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
         T, K = experts.shape
         order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
+        token = order // K  # (N,) the token of each sorted pair
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        out = self.experts(x[order // K], offs)  # (N, D), row n is pair order[n], token order[n] // K
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))  # (N,)
-        out = out[rank].view(T, K, -1)  # (T, K, D) back in token order: a gather, deterministic on GPU
-        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)  # (T, D)
+        # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
+        # rows (and their backward the other one), about half the time of advanced indexing on CPU.
+        out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
+        y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
+        return y.index_add_(0, token, out)
 
     def forward(self, x):
         B, T, D = x.shape
