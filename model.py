@@ -23,12 +23,13 @@ from nitp import NITP_LOSSES, implicit_token_loss
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256  # context length in tokens (paper: 8192)
+    # The defaults are a small model that trains on a 2-core CPU in minutes; config/ has larger ones.
+    block_size: int = 128  # context length in tokens (paper: 8192)
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64; train.py takes it from meta.json
     n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # query heads
+    n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head (plain MHA). Paper: 8 q / 4 kv
-    n_embd: int = 384  # model width d
+    n_embd: int = 128  # model width d
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 d rounded up to a multiple of 64 (~8 d^2 params)
     rope_theta: float = 10000.0  # rotary embedding base
     norm_eps: float = 1e-6  # RMSNorm epsilon
