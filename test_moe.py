@@ -237,3 +237,41 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.skipif(not os.environ.get("NITP_SLOW"), reason="inductor on CPU compiles for ~45 s; NITP_SLOW=1 runs it")
 def test_compile_inductor_matches_eager():
     compiled_matches_eager("inductor")
+
+
+def tiny_dataset(path, n_train=4000, n_val=1000):
+    """A byte-level dataset in train.py's format: uint16 token ids and meta.json."""
+    import json
+    import numpy as np
+    rng = np.random.default_rng(0)
+    path.mkdir()
+    rng.integers(0, 256, n_train, dtype=np.uint16).tofile(path / "train.bin")
+    rng.integers(0, 256, n_val, dtype=np.uint16).tofile(path / "val.bin")
+    meta = dict(tokenizer="byte", vocab_size=257, dtype="uint16", train_tokens=n_train, val_tokens=n_val, eot_token=256)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.mark.parametrize("expert_hidden", [16, 10])  # 16: torch._grouped_mm; 10 (40-byte rows): the loop
+def test_ddp_two_processes_with_idle_experts(tmp_path, expert_hidden):
+    """train.py under torchrun (gloo, CPU) with experts that get no token: each process sees 1 x 8
+    tokens with K = 1 of 16 experts, so at least 8 experts per MoE layer are idle in every step.
+    DDP without find_unused_parameters fails at the next step if a parameter takes no part in the
+    backward; stacked expert weights take part whatever the routing (their idle slices get exact
+    zeros, checked in test_idle_expert_gets_an_exact_zero_gradient), on both dispatch paths."""
+    import json
+    import subprocess
+    import sys
+    data = tiny_dataset(tmp_path / "data")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(here, "train.py"), os.path.join(here, "config", "moe_tiny_cpu.py"),
+           f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--n_layer=3", "--n_embd=32", "--n_head=2",
+           "--n_kv_head=1", "--n_experts=16", "--moe_top_k=1", f"--expert_hidden={expert_hidden}",
+           "--batch_size=1", "--block_size=8", "--max_iters=4", "--eval_interval=4", "--eval_iters=2",
+           "--log_interval=1", "--warmup_iters=1", "--compile=false", "--device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
