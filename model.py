@@ -350,12 +350,18 @@ class Block(nn.Module):
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin):
-        """-> (x, routing): routing is (balance loss, expert counts) for an MoE block, else None.
-        Returned, not stored on the module, so compiled and DDP-wrapped models see plain outputs."""
+    def forward(self, x, cos, sin, routing=None):
+        """routing: a list an MoE block appends its (balance loss, expert counts) to. An argument
+        rather than a second return value, so a block still maps a tensor to a tensor (forward
+        hooks, the NITP target); not module state, so compiled and DDP models see plain outputs."""
         x = x + self.attn(self.ln_1(x), cos, sin)
-        y, routing = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
-        return x + F.dropout(y, p=self.dropout, training=self.training), routing
+        if self.is_moe:
+            y, stats = self.mlp(self.ln_2(x))
+            if routing is not None:
+                routing.append(stats)
+        else:
+            y = self.mlp(self.ln_2(x))
+        return x + F.dropout(y, p=self.dropout, training=self.training)
 
 
 class GPT(nn.Module):
@@ -401,9 +407,7 @@ class GPT(nn.Module):
         z = x if cfg.nitp_layer == 0 else None  # the implicit-token source: only layer k is kept
         routing = []  # (balance loss, expert counts) of each MoE block
         for i, block in enumerate(self.transformer.h):
-            x, block_routing = block(x, cos, sin)
-            if block_routing is not None:
-                routing.append(block_routing)
+            x = block(x, cos, sin, routing)
             if i + 1 == cfg.nitp_layer:
                 z = x
         h = self.transformer.ln_f(x)  # (B, T, C) h_t, what the unembedding sees
