@@ -36,12 +36,12 @@ class GPTConfig:
     tie_embeddings: bool = False  # share wte and lm_head weights (the paper's models are untied)
     dropout: float = 0.0  # dropout on attention and residual outputs; 0 for pre-training, as the paper
     # --- Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k). Off by default ---
-    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off, every block dense, nothing built or computed (paper: 144)
-    n_shared_experts: int = 1  # experts every token passes through, as one SwiGLU of width n_shared_experts * expert_hidden (paper: 1)
+    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off: every block dense, nothing built (paper: 144)
+    n_shared_experts: int = 1  # always-active experts, one SwiGLU of width n_shared_experts * expert_hidden (paper: 1)
     moe_top_k: int = 8  # K: routed experts per token (paper: 8)
-    expert_hidden: int = 0  # SwiGLU hidden width of one expert; 0 = mlp_hidden / (moe_top_k + n_shared_experts) rounded up to a multiple of 16, the dense MLP's active width (paper: 544 at d=768)
+    expert_hidden: int = 0  # one expert's SwiGLU width; 0 = mlp_hidden / (moe_top_k + n_shared_experts), up to 16 (paper: 544 at d=768)
     n_dense_layers: int = 1  # leading blocks that keep the dense MLP (width mlp_hidden) when MoE is on (paper: 1)
-    moe_aux_weight: float = 0.01  # alpha: weight of the balance loss (mean over MoE layers) in the total (paper: not given; DeepSeek-V2: 0.003 per layer, summed)
+    moe_aux_weight: float = 0.01  # alpha, weight of the balance loss (mean over MoE layers); paper: not given (DeepSeek-V2: 0.003/layer, summed)
     moe_renorm: bool = False  # rescale each token's K routing weights to sum to 1 (DeepSeek-V2: no, raw softmax scores)
     # --- NITP (spec, "Defaults") ---
     nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
@@ -294,7 +294,7 @@ class MoE(nn.Module):
     """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
     token reaches all K of its experts (no capacity factor, no dropped tokens).
 
-    forward(x (B, T, D)) -> (y (B, T, D), (balance loss (), expert token counts (E,)))."""
+    forward(x (B, T_seq, D)) -> (y (B, T_seq, D), (balance loss (), expert token counts (E,)))."""
 
     def __init__(self, config):
         super().__init__()
@@ -324,19 +324,20 @@ class MoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
         # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
         # rows (and their backward the other one), about half the time of advanced indexing on CPU.
+        x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
         out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
         y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
         return y.index_add_(0, token, out)
 
     def forward(self, x):
-        B, T, D = x.shape
-        x = x.reshape(B * T, D)  # (T', D), T' = B*T tokens
+        shape = x.shape  # (B, T_seq, D)
+        x = x.reshape(-1, shape[-1])  # (T, D): batch and sequence flattened, T = B * T_seq tokens
         scores, weights, experts = self.route(x)
         counts = expert_counts(experts, self.n_experts)  # (E,)
-        y = self.dispatch(x, weights, experts, counts)  # (T', D)
+        y = self.dispatch(x, weights, experts, counts)  # (T, D)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.view(B, T, D), (load_balance_loss(scores, counts, self.top_k), counts)
+        return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
 
 
 class Block(nn.Module):
