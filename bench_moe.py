@@ -7,8 +7,8 @@ and the grouped-matmul dispatch against the per-expert loop, measured side by si
 
 The dense layer's hidden width is (K + shared) * expert width, so both do the same matmul FLOPs per
 token; what the MoE adds is routing, sorting, gathering and smaller matmuls. Variants are timed in
-turn within each repetition (so drifting machine load hits them alike) after a warm-up, and the
-median is reported.
+turn within each repetition, in rotating order (so drifting machine load hits them alike), after a
+warm-up, and the median is reported.
 """
 import argparse
 import os
@@ -51,9 +51,10 @@ def bench_point(n_experts, top_k, args):
                 "grouped": (lambda: fwd_bwd(moe, x, grad), True),
                 "loop": (lambda: fwd_bwd(moe, x, grad), False)}
     times = {name: [] for name in variants}
+    names = list(variants)
     for rep in range(args.warmup + args.reps):
-        for name, (fn, grouped) in variants.items():  # alternate: one of each per repetition
-            t = timed(fn, grouped)
+        for name in names[rep % 3:] + names[:rep % 3]:  # one of each per repetition, in rotating order
+            t = timed(*variants[name])
             if rep >= args.warmup:
                 times[name].append(t)
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -66,7 +67,7 @@ def main():
     p.add_argument("--expert_hidden", type=int, default=128, help="H, one expert's SwiGLU width")
     p.add_argument("--shared", type=int, default=1, help="shared experts")
     p.add_argument("--points", default="32x4,8x2,64x8,128x8", help="E x K pairs, comma separated")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (median)")
+    p.add_argument("--reps", type=int, default=9, help="timed repetitions per variant (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (all cores)")
     args = p.parse_args()
