@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp import NITP_LOSSES, implicit_token_loss
+from nitp import NITP_LOSSES, generic_cosine_loss, implicit_token_loss
 
 
 @dataclass
@@ -38,7 +38,11 @@ class GPTConfig:
     # --- NITP (spec, "Defaults") ---
     nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
-    nitp_loss: str = "cosine"  # "cosine" (paper) or "mse" (paper ablation: diverged)
+    nitp_loss: str = "cosine"  # "cosine" (paper); ablations: "mse" (diverged), "smooth_l1" (less stable), "generic_cosine" (baseline regulariser: no target, no head)
+    # --- the paper's ablation switches; the defaults are the method ---
+    nitp_shift: int = 1  # temporal shift: 1 = predict z_{t+1} (paper); 0 = z_t, same position (hurts badly)
+    nitp_stop_grad: bool = True  # stop-gradient on the target (paper); False lets layers 1..k co-adapt (worse than NTP)
+    nitp_proj: str = "swiglu"  # projection head: "swiglu" d -> 4d -> d (paper) or "none" (compare h_t itself; worse)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -64,6 +68,10 @@ class GPTConfig:
             raise ValueError(f"nitp_weight={self.nitp_weight} must be >= 0 (0 = plain next-token baseline)")
         if self.nitp_loss not in NITP_LOSSES:
             raise ValueError(f"nitp_loss={self.nitp_loss!r} must be one of {NITP_LOSSES}")
+        if self.nitp_shift not in (0, 1):
+            raise ValueError(f"nitp_shift={self.nitp_shift} must be 1 (next token, paper) or 0 (same position)")
+        if self.nitp_proj not in ("swiglu", "none"):
+            raise ValueError(f"nitp_proj={self.nitp_proj!r} must be 'swiglu' (paper) or 'none'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -74,6 +82,10 @@ class GPTConfig:
     @property
     def nitp(self):
         return self.nitp_weight > 0
+
+    @property
+    def has_nitp_head(self):
+        return self.nitp and self.nitp_proj == "swiglu" and self.nitp_loss != "generic_cosine"
 
 
 def rotary_tables(head_dim, seq_len, theta):
@@ -155,7 +167,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
-        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.nitp else None
+        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
         cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived, so kept out of checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -174,31 +186,45 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.nitp_head.parameters())
         return n
 
-    def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
-        Returns logits (B, T, V) and the loss dict (None without targets)."""
+    def trunk(self, idx):
+        """idx (B, T) -> (z, h): the layer-k states z (B, T, C), the implicit-token source, and the
+        final states h (B, T, C) after ln_f, what the unembedding sees. Only these two are kept."""
         B, T = idx.shape
         cfg = self.config
         assert T <= cfg.block_size, f"sequence of {T} tokens exceeds block_size={cfg.block_size}"
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.transformer.wte(idx)  # (B, T, C), layer 0
-        z = x if cfg.nitp_layer == 0 else None  # the implicit-token source: only layer k is kept
+        z = x if cfg.nitp_layer == 0 else None
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin)
             if i + 1 == cfg.nitp_layer:
                 z = x
-        h = self.transformer.ln_f(x)  # (B, T, C) h_t, what the unembedding sees
+        return z, self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, nitp_weight=None):
+        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
+        nitp_weight: optional tensor overriding config.nitp_weight (a schedule such as a late start
+        changes its value without recompiling). Returns logits (B, T, V) and the loss dict (None
+        without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on."""
+        z, h = self.trunk(idx)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
         ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        losses = {"ntp": ntp}
-        if self.nitp_head is not None:
-            losses["nitp"] = implicit_token_loss(self.nitp_head(h), z, loss=cfg.nitp_loss)
-            losses["total"] = ntp + cfg.nitp_weight * losses["nitp"]
-        else:
-            losses["total"] = ntp
+        losses = {"ntp": ntp, "total": ntp}
+        if self.config.nitp:
+            losses["nitp"] = self.nitp_term(h, z)
+            weight = self.config.nitp_weight if nitp_weight is None else nitp_weight
+            losses["total"] = ntp + weight * losses["nitp"]
         return logits, losses
+
+    def nitp_term(self, h, z):
+        """The unweighted auxiliary loss: NITP, or one of the paper's ablations of it."""
+        cfg = self.config
+        if cfg.nitp_loss == "generic_cosine":
+            return generic_cosine_loss(h)
+        pred = self.nitp_head(h) if self.nitp_head is not None else h  # (B, T, C)
+        return implicit_token_loss(pred, z, loss=cfg.nitp_loss, shift=cfg.nitp_shift, stop_grad=cfg.nitp_stop_grad)
 
     def inference_state_dict(self):
         """Weights for inference: everything but nitp_head (spec: zero inference cost). They load

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import train
 from model import GPT, GPTConfig
-from nitp import cosine_loss, implicit_token_loss, mse_loss
+from nitp import (cosine_loss, effective_rank, generic_cosine_loss, implicit_token_loss, mean_pairwise_cosine,
+                  mse_loss, smooth_l1_loss)
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,8 +93,7 @@ def test_target_gets_no_gradient():
 # ------------------------------------------------------------------------------------------------
 # the model
 
-def reference_nitp(model, idx, k):
-    """1 - cos(nitp_head(h_t), z_{t+1}) from hooked states, independent of GPT.forward's bookkeeping."""
+def hooked_states(model, idx, k):
     seen = {}
     src = model.transformer.wte if k == 0 else model.transformer.h[k - 1]
     hooks = [src.register_forward_hook(lambda m, i, o: seen.__setitem__("z", o)),
@@ -101,8 +101,22 @@ def reference_nitp(model, idx, k):
     model(idx)
     for h in hooks:
         h.remove()
-    pred = model.nitp_head(seen["h"][:, :-1])
-    return (1 - F.cosine_similarity(pred, seen["z"][:, 1:].detach(), dim=-1)).mean()
+    return seen["z"], seen["h"]
+
+
+def reference_nitp(model, idx, k, shift=1, detach=True):
+    """1 - cos(nitp_head(h_t), z_{t+shift}) from hooked states, independent of GPT.forward's bookkeeping."""
+    z, h = hooked_states(model, idx, k)
+    pred = model.nitp_head(h) if model.nitp_head is not None else h
+    z = z.detach() if detach else z
+    T = idx.size(1)
+    return (1 - F.cosine_similarity(pred[:, :T - shift], z[:, shift:], dim=-1)).mean()
+
+
+def nitp_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -236,6 +250,108 @@ def test_config_rejects_bad_values():
 
 
 # ------------------------------------------------------------------------------------------------
+# the paper's ablation switches
+
+def test_same_position_shift_compares_t_with_t():
+    z = torch.randn(2, 6, 4)
+    assert implicit_token_loss(z, z, shift=0).item() < 1e-6
+    model = tiny_model(nitp_shift=0)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(model(idx, idx)[1]["nitp"], reference_nitp(model, idx, 1, shift=0), atol=1e-6)
+
+
+def test_stop_gradient_off_lets_gradient_reach_the_target_path():
+    pred, target = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 5, 4, requires_grad=True)
+    implicit_token_loss(pred, target, stop_grad=False).backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0
+    model = tiny_model(nitp_stop_grad=False)
+    idx = torch.randint(0, 64, (2, 16))
+    off = nitp_grads(model, model(idx, idx)[1]["nitp"])
+    ref_on = nitp_grads(model, reference_nitp(model, idx, 1, detach=True))
+    ref_off = nitp_grads(model, reference_nitp(model, idx, 1, detach=False))
+    name = "transformer.h.0.mlp.c_proj.weight"  # block 1 shapes z: it gets more gradient without stop-gradient
+    assert torch.allclose(off[name], ref_off[name], atol=1e-6) and not torch.allclose(off[name], ref_on[name])
+
+
+def test_no_projection_head_compares_h_with_next_target():
+    model = tiny_model(nitp_proj="none")
+    assert model.nitp_head is None
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(model(idx, idx)[1]["nitp"], reference_nitp(model, idx, 1), atol=1e-6)
+
+
+def test_zero_weight_before_start_contributes_no_gradient():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 16))
+    _, losses = model(idx, idx, nitp_weight=torch.tensor(0.0))
+    before_start = nitp_grads(model, losses["total"])
+    ntp_only = nitp_grads(model, model(idx, idx)[1]["ntp"])
+    assert all(n in before_start and torch.equal(before_start[n], g) for n, g in ntp_only.items())
+    assert all(g.abs().sum() == 0 for n, g in before_start.items() if n.startswith("nitp_head"))
+    _, losses = model(idx, idx, nitp_weight=torch.tensor(1.0))
+    assert torch.allclose(losses["total"], model(idx, idx)[1]["total"])
+
+
+def test_generic_cosine_regulariser_has_no_target():
+    idx = torch.randint(0, 64, (2, 16))
+    values = []
+    for k in (0, 2):  # the target layer plays no part
+        model = tiny_model(nitp_loss="generic_cosine", nitp_layer=k)
+        assert model.nitp_head is None
+        _, h = hooked_states(model, idx, k)
+        u = F.normalize(h, dim=-1)
+        sim = u @ u.transpose(1, 2)  # (B, T, T)
+        off_diagonal = (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)) / (16 * 15)
+        loss = model(idx, idx)[1]["nitp"]
+        assert torch.allclose(loss, off_diagonal.mean(), atol=1e-6)
+        values.append(loss)
+    assert torch.allclose(values[0], values[1])  # same seed, same weights: no dependence on layer k
+    assert torch.allclose(generic_cosine_loss(h), off_diagonal.mean(), atol=1e-6)
+
+
+def test_smooth_l1_matches_torch():
+    a, b = 3 * torch.randn(4, 6), torch.randn(4, 6)
+    assert torch.allclose(smooth_l1_loss(a, b), F.smooth_l1_loss(a, b, reduction="none").mean(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry metrics against plain NumPy
+
+def numpy_erank(h):
+    h = h - h.mean(0)
+    lam = np.clip(np.linalg.eigvalsh(np.cov(h, rowvar=False)), 0, None)
+    p = lam[lam > 0] / lam.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def numpy_mean_cos(h):
+    u = h / np.linalg.norm(h, axis=1, keepdims=True)
+    n = len(h)
+    return float(np.mean([u[i] @ u[j] for i in range(n) for j in range(n) if i != j]))
+
+
+def test_geometry_matches_numpy_reference():
+    h = np.random.default_rng(0).normal(size=(60, 12)) @ np.diag(np.linspace(0.1, 3, 12))
+    assert effective_rank(torch.tensor(h)) == pytest.approx(numpy_erank(h), rel=1e-9)
+    assert mean_pairwise_cosine(torch.tensor(h)) == pytest.approx(numpy_mean_cos(h), abs=1e-12)
+    shifted = h + 5.0  # a common offset: rank unchanged (centred), cosine pulled towards 1
+    assert effective_rank(torch.tensor(shifted)) == pytest.approx(numpy_erank(h), rel=1e-9)
+    assert mean_pairwise_cosine(torch.tensor(shifted)) == pytest.approx(numpy_mean_cos(shifted), abs=1e-12)
+
+
+def test_geometry_degenerate_cases():
+    v = torch.randn(8, dtype=torch.float64)
+    identical = v.repeat(20, 1)
+    assert effective_rank(identical) == 0.0  # no spread at all (documented choice; not NaN)
+    assert mean_pairwise_cosine(identical) == pytest.approx(1.0)
+    rank_one = torch.linspace(-2, 3, 20, dtype=torch.float64)[:, None] * v  # states along one line
+    assert effective_rank(rank_one) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(rank_one) == pytest.approx(numpy_mean_cos(rank_one.numpy()), abs=1e-12)
+    isotropic = torch.eye(6, dtype=torch.float64).repeat(50, 1) * torch.tensor([1.0, -1.0]).repeat_interleave(150)[:, None]
+    assert effective_rank(isotropic) == pytest.approx(6.0, rel=1e-9)  # spread evenly over 6 directions
+
+
+# ------------------------------------------------------------------------------------------------
 # train.py: configuration, schedule, data
 
 def test_cli_parses_types_and_config_files(tmp_path):
@@ -324,7 +440,7 @@ def test_training_run_learns_and_logs(data_dir, tmp_path):
     steps, evals = read_log(out)
     assert [r["iter"] for r in steps] == list(range(1, 31))  # max_iters counts optimizer steps
     assert set(steps[0]) == {"iter", "loss", "ntp", "nitp", "lr"}
-    assert [r["iter"] for r in evals] == [0, 15, 30] and set(evals[0]) == {"iter", "val_loss", "val_nitp"}
+    assert [r["iter"] for r in evals] == [0, 15, 30] and set(evals[0]) == {"iter", "val_loss", "val_nitp", "erank", "mean_cos"}
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["iter_num"] == 30

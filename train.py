@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from model import GPT, GPTConfig
+from nitp import effective_rank, mean_pairwise_cosine
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
     seed: int = 1337
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
+    nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -312,24 +314,42 @@ def git_hash():
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
+GEOMETRY_TOKENS = 8192  # at most this many last states (from the first validation batch) for erank and mean_cos
+
+
 @torch.no_grad()
-def evaluate(model, val_data, offsets, block_size, device, ctx, world_size, rank):
-    """Mean validation losses over the fixed batches; each process takes every world_size-th one."""
-    model.eval()
-    sums = torch.zeros(3, device=device)  # ntp, nitp, batches
-    for i in range(rank, len(offsets), world_size):
-        x, y = get_batch(val_data, offsets[i], block_size, device)
-        with ctx:
-            _, losses = model(x, y)
+def evaluate(r):
+    """Mean validation losses over the fixed batches (each process takes every world_size-th one),
+    plus the geometry of the last hidden states (spec, Appendix D) on rank 0."""
+    r.model.eval()
+    sums = torch.zeros(3, device=r.device)  # ntp, nitp, batches
+    for i in range(r.rank, len(r.val_offsets), r.world_size):
+        x, y = get_batch(r.val_data, r.val_offsets[i], r.mcfg.block_size, r.device)
+        with r.ctx:
+            _, losses = r.model(x, y)
         sums += torch.stack([losses["ntp"].float(), losses.get("nitp", losses["ntp"] * 0).float(),
-                             torch.ones((), device=device)])
-    if world_size > 1:
+                             torch.ones((), device=r.device)])
+    if r.world_size > 1:
         torch.distributed.all_reduce(sums)
-    model.train()
     record = {"val_loss": (sums[0] / sums[2]).item()}
-    if "nitp" in losses:
+    if r.mcfg.nitp:
         record["val_nitp"] = (sums[1] / sums[2]).item()
+    if r.master:
+        record.update(geometry(r))
+    r.model.train()
     return record
+
+
+def geometry(r):
+    """erank and mean_cos of the final states h_t on the first validation batch. One extra forward
+    of the uncompiled model, at evaluation only: training keeps no hidden states around."""
+    x, _ = get_batch(r.val_data, r.val_offsets[0], r.mcfg.block_size, r.device)
+    with r.ctx:
+        _, h = r.raw_model.trunk(x)
+    states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
+    stride = max(1, states.size(0) // GEOMETRY_TOKENS)
+    states = states[::stride][:GEOMETRY_TOKENS]
+    return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
 def mean_over_ranks(values, world_size):
@@ -480,7 +500,7 @@ def train_step(r, it):
                                 r.rank * r.accum + micro)
         x, y = get_batch(r.train_data, offsets, r.mcfg.block_size, r.device)
         with r.ctx:
-            _, losses = r.model(x, y)
+            _, losses = r.model(x, y, **nitp_weight_now(r, it))
         # Every micro-batch holds the same number of tokens, so dividing each mean by the number of
         # micro-steps makes the accumulated gradient exactly that of the mean over the whole batch.
         r.scaler.scale(losses["total"] / r.accum).backward()
@@ -500,6 +520,15 @@ def train_step(r, it):
 LOGGED_LOSSES = ("total", "ntp", "nitp")
 
 
+def nitp_weight_now(r, it):
+    """A late NITP start (paper ablation) as a weight tensor: 0 before nitp_start_iter, lambda after.
+    A tensor, not a float, so that the compiled graph is not rebuilt when it switches."""
+    if not r.mcfg.nitp or r.cfg.nitp_start_iter == 0:
+        return {}
+    weight = 0.0 if it < r.cfg.nitp_start_iter else r.mcfg.nitp_weight
+    return {"nitp_weight": torch.tensor(weight, device=r.device)}
+
+
 def save(r, it, val):
     states = all_rng_states(r.device, r.world_size)  # every rank takes part in the gather
     if r.master:
@@ -510,7 +539,7 @@ def save(r, it, val):
 
 
 def evaluate_and_save(r, it):
-    val = evaluate(r.model, r.val_data, r.val_offsets, r.mcfg.block_size, r.device, r.ctx, r.world_size, r.rank)
+    val = evaluate(r)
     r.logger.record(iter=it, **val)
     r.say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
     if it > 0:
