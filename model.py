@@ -258,3 +258,16 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def flops_per_token(config):
+    """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention
+    projections, the feed-forward, the unembedding; attention scores and norms are not counted.
+    The NITP head adds 72 d^2 (12 d^2 parameters) plus 18 d for the cosine; its target costs
+    nothing (stop-gradient, same forward pass). Returns {"ntp", "nitp", "total", "nitp_share"}."""
+    d, hd = config.n_embd, config.head_dim
+    attention = d * (config.n_head + 2 * config.n_kv_head) * hd + config.n_head * hd * d
+    feed_forward = 3 * d * config.mlp_hidden
+    ntp = 6 * (config.n_layer * (attention + feed_forward) + config.vocab_size * d)
+    nitp = 72 * d * d + 18 * d if config.has_nitp_head else 0
+    return {"ntp": ntp, "nitp": nitp, "total": ntp + nitp, "nitp_share": nitp / ntp}

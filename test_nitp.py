@@ -447,6 +447,20 @@ def test_training_run_learns_and_logs(data_dir, tmp_path):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
 
 
+def test_exported_inference_weights_load_into_baseline_with_identical_logits(data_dir, tmp_path):
+    import sample
+    out = str(tmp_path / "out")
+    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3") == 0
+    sample.main([f"--out_dir={out}", f"--export={tmp_path / 'inference.pt'}"])
+    exported = torch.load(tmp_path / "inference.pt", weights_only=False)
+    assert exported["model_config"]["nitp_weight"] == 0 and not any("nitp_head" in k for k in exported["model"])
+    plain = GPT(GPTConfig(**exported["model_config"]))
+    plain.load_state_dict(exported["model"], strict=True)
+    trained, _ = sample.load_model(os.path.join(out, "ckpt.pt"))
+    idx = torch.randint(0, 60, (2, 16))
+    assert torch.equal(plain.eval()(idx)[0], trained(idx)[0])
+
+
 def test_compiled_training_run_evaluates(data_dir, tmp_path):
     out = str(tmp_path / "out")
     assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--compile=true") == 0
