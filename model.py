@@ -166,8 +166,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
-        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
         cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived, so kept out of checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -175,6 +173,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
+        # Built after the trunk is initialised, so that NTP and NITP runs with one seed start from
+        # the same trunk weights.
+        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
+        if self.nitp_head is not None:
+            self.nitp_head.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -605,3 +605,22 @@ def test_ddp_resume_is_exact(data_dir, ddp_run, tmp_path):
     wb = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
     assert len(wb["rng_states"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the experiment runner
+
+def test_experiment_runner_table_is_mean_and_spread_over_seeds(data_dir, tmp_path):
+    import run_experiments
+    root = str(tmp_path / "exp")
+    run_experiments.main(["--variants=ntp,nitp", "--seeds=2", f"--out={root}", "--max_iters=4", "--",
+                          *TINY, f"--data_dir={data_dir}", "--eval_interval=2"])
+    table = (tmp_path / "exp" / "results.md").read_text().splitlines()
+    finals = {v: [read_log(os.path.join(root, f"{v}_s{s}"))[1][-1] for s in (1, 2)] for v in ("ntp", "nitp")}
+    for row, v in zip(table[2:], ("ntp", "nitp")):
+        losses = [f["val_loss"] for f in finals[v]]
+        assert row.startswith(f"| {v} | 2 | {np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} |")
+    assert "| - |" in table[2] and "| - |" not in table[3]  # the baseline has no NITP loss
+    # same seed, same data and initial weights: the step-0 evaluation of the trunk is identical
+    first = {v: read_log(os.path.join(root, f"{v}_s1"))[1][0] for v in ("ntp", "nitp")}
+    assert first["ntp"]["val_loss"] == pytest.approx(first["nitp"]["val_loss"], rel=1e-6)
