@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, flops_per_token
 from nitp import effective_rank, mean_pairwise_cosine
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
     seed: int = 1337
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
+    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
     nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):
@@ -302,6 +303,21 @@ def pick_dtype(requested, device, say):
     return dtype
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU on CUDA.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(cfg, device):
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU)."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def git_hash():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -476,6 +492,9 @@ def run(argv):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git_hash(), "argv": argv}, f, indent=2)
+    flops = flops_per_token(mcfg)
+    say(f"training FLOPs per token (6 x params touched): {flops['total']:.3e}, of which NITP "
+        f"{flops['nitp']:.3e} = {100 * flops['nitp_share']:.2f}% of NTP")
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M "
         f"at inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; "
         f"nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} nitp_loss={mcfg.nitp_loss}")
@@ -484,7 +503,7 @@ def run(argv):
         device=device, rank=rank, world_size=world_size, accum=accum, train_data=train_data, val_data=val_data,
         val_offsets=val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters),
         logger=Logger(cfg.out_dir, master), ckpt_path=ckpt_path, say=say, master=master,
-        tokens_per_iter=tokens_per_iter)
+        tokens_per_iter=tokens_per_iter, flops_per_token=flops["total"], peak=peak_flops(cfg, device))
     train_loop(run_state, start_iter)
 
 
@@ -553,9 +572,11 @@ def log_step(r, it, means, lr, norm, elapsed, steps):
     record = {"iter": it, "loss": means[0], **dict(zip(names[1:], means[1:])), "lr": lr}
     r.logger.record(**record)
     ms = 1000 * elapsed / steps
+    tok_s = r.tokens_per_iter * steps / elapsed
     parts = " ".join(f"{k} {v:.4f}" for k, v in zip(names[1:], means[1:]))
+    mfu = f" mfu {100 * r.flops_per_token * tok_s / (r.peak * r.world_size):.1f}%" if r.peak else ""
     r.say(f"iter {it}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
-          f"{ms:.0f} ms/iter {r.tokens_per_iter * steps / elapsed:,.0f} tok/s")
+          f"{ms:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
 
 
 def train_loop(r, start_iter):
