@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from model import GPT, GPTConfig, flops_per_token
 from nitp import effective_rank, mean_pairwise_cosine
+from prepare_data import DataError, read_meta
 
 
 @dataclass
@@ -174,12 +175,10 @@ def parse_args(argv):
 
 def load_split(data_dir, split):
     """The token ids of one split as a read-only memmap, and the dataset's meta.json."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise UsageError(f"no dataset at {data_dir} (meta.json missing): run `python prepare_data.py` "
-                         f"for the embedded default, or `python prepare_data.py --input=YOUR_FILES --name=NAME`")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        meta = read_meta(data_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r"), meta
 
 
