@@ -35,6 +35,14 @@ class GPTConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # share wte and lm_head weights (the paper's models are untied)
     dropout: float = 0.0  # dropout on attention and residual outputs; 0 for pre-training, as the paper
+    # --- Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k). Off by default ---
+    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off: every block dense, nothing built (paper: 144)
+    n_shared_experts: int = 1  # always-active experts, one SwiGLU of width n_shared_experts * expert_hidden (paper: 1)
+    moe_top_k: int = 8  # K: routed experts per token (paper: 8)
+    expert_hidden: int = 0  # one expert's SwiGLU width; 0 = mlp_hidden / (moe_top_k + n_shared_experts), up to 16 (paper: 544 at d=768)
+    n_dense_layers: int = 1  # leading blocks that keep the dense MLP (width mlp_hidden) when MoE is on (paper: 1)
+    moe_aux_weight: float = 0.01  # alpha, weight of the balance loss (mean over MoE layers); paper: not given (DeepSeek-V2: 0.003/layer, summed)
+    moe_renorm: bool = False  # rescale each token's K routing weights to sum to 1 (DeepSeek-V2: no, raw softmax scores)
     # --- NITP (spec, "Defaults") ---
     nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
@@ -74,6 +82,26 @@ class GPTConfig:
             raise ValueError(f"nitp_proj={self.nitp_proj!r} must be 'swiglu' (paper) or 'none'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.n_experts:
+            self._init_moe()
+
+    def _init_moe(self):
+        """Derive and check the MoE fields; only called when MoE is on (n_experts > 0)."""
+        if self.expert_hidden == 0:  # iso-active: K routed + shared experts together as wide as the dense MLP
+            self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
+        if self.n_experts < 0:
+            raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 = MoE off)")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]: each token "
+                             f"picks K distinct experts; lower moe_top_k or raise n_experts")
+        if self.n_shared_experts < 0 or self.expert_hidden < 1:
+            raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0 and expert_hidden="
+                             f"{self.expert_hidden} >= 1 (0 = derived from mlp_hidden)")
+        if not 0 <= self.n_dense_layers < self.n_layer:
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layer-1] = [0, {self.n_layer - 1}] "
+                             f"so that at least one MoE layer is built (paper: 1); for a dense model set n_experts=0")
+        if self.moe_aux_weight < 0:
+            raise ValueError(f"moe_aux_weight={self.moe_aux_weight} must be >= 0 (0 = no balance loss)")
 
     @property
     def head_dim(self):
@@ -86,6 +114,14 @@ class GPTConfig:
     @property
     def has_nitp_head(self):
         return self.nitp and self.nitp_proj == "swiglu" and self.nitp_loss != "generic_cosine"
+
+    def is_moe_layer(self, i):
+        """Whether block i (0-based) gets an MoE feed-forward instead of the dense MLP."""
+        return self.n_experts > 0 and i >= self.n_dense_layers
+
+    @property
+    def n_moe_layers(self):
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
 
 def rotary_tables(head_dim, seq_len, theta):
@@ -140,18 +176,205 @@ class SwiGLU(nn.Module):
         return self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))
 
 
-class Block(nn.Module):
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k routing).
+# Shape legend: T tokens (batch and sequence flattened), E routed experts, K experts per token,
+# D model width, H expert hidden width, N = T*K token-expert pairs, I/O a matmul's in/out width.
+
+GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (tests, bench_moe.py)
+
+
+def _grouped_mm_fits(a, b):
+    """torch._grouped_mm's eager kernels (CPU, and CUDA through its fallback) take fp32, bf16 and
+    fp16 alike, but need every row stride to be a multiple of 16 bytes."""
+    return GROUPED_MM and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1)))
+
+
+def _spans(offs):
+    """Row ranges [start, end) of each expert's group from the cumulative counts offs (E,)."""
+    ends = offs.tolist()
+    return zip([0] + ends[:-1], ends)
+
+
+# The expert matmuls are custom ops so that torch.compile keeps one graph: _grouped_mm's meta kernel
+# accepts only bf16 (it mirrors the CUDA fast path) and the loop needs the offsets on the host.
+@torch.library.custom_op("nitp::expert_mm", mutates_args=())
+def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert times their expert's matrix: (N, I) @ w[e] (E, I, O) -> (N, O),
+    rows offs[e-1]:offs[e] (int32, offs[-1] = N) belonging to expert e."""
+    if _grouped_mm_fits(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.size(0), w.size(-1))  # (N, O)
+    for e, (start, end) in enumerate(_spans(offs)):  # a loop over experts, never over tokens
+        torch.mm(x[start:end], w[e], out=out[start:end])
+    return out
+
+
+@torch.library.custom_op("nitp::expert_mm_wgrad", mutates_args=())
+def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Weight gradient of expert_mm: x[rows of e]^T @ grad[rows of e], (N, I), (N, O) -> (E, I, O).
+    An expert without rows gets an exact zero, so DDP needs no find_unused_parameters."""
+    if _grouped_mm_fits(x, grad):
+        return torch._grouped_mm(x.t(), grad, offs=offs)
+    return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
+
+
+@expert_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.size(0), w.size(-1))
+
+
+@expert_mm_wgrad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.size(0), x.size(1), grad.size(1))
+
+
+def _expert_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernels reject broadcast (stride 0) gradients
+    # The transposed view, made contiguous: _grouped_mm runs ~2x slower on the strided one on CPU.
+    grad_x = expert_mm(grad, w.transpose(1, 2).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    grad_w = expert_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
+
+
+def expert_counts(experts, n_experts):
+    """Tokens routed to each expert, (T, K) ids -> (E,) int64. scatter_add_, unlike bincount, has an
+    output size that does not depend on the data, so torch.compile keeps one graph."""
+    flat = experts.reshape(-1)  # (N,)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(scores, counts, top_k):
+    """DeepSeek-V2's expert-level balance loss without its weight: sum_i f_i P_i, where
+    f_i = E / (K T) * (tokens routed to i) and P_i = mean over tokens of the softmax score of i.
+    1 at perfect balance; at most E / K, reached when K experts take every token and all the score.
+    scores: (T, E) fp32; counts: (E,). Gradient reaches the router through P only (f is counted)."""
+    T, E = scores.shape
+    f = counts.to(scores.dtype) * (E / (top_k * T))  # (E,)
+    return (f * scores.mean(dim=0)).sum()
+
+
+def expert_balance_stats(counts):
+    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the
+    worst layer's max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert)
+    pairs got no token in this batch."""
+    c = counts.detach().double().reshape(-1, counts.size(-1))  # (L, E)
+    imbalance = (c.max(dim=1).values / c.mean(dim=1)).max().item()
+    return dict(imbalance=imbalance, idle=int((c == 0).sum().item()))
+
+
+def _matmul_dtype(x):
+    """The dtype matmuls run in here: autocast's if it is on (custom ops are not autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights, one parameter per projection with a leading expert dim,
+    applied to token rows already sorted by expert with grouped matmuls (no list of modules)."""
+
+    def __init__(self, n_experts, n_embd, hidden):
+        super().__init__()
+        self.c_gate = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_up = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, D), residual output
+        for w in self.parameters():  # GPT scales c_proj down for depth afterwards, as for the dense MLP
+            nn.init.normal_(w, mean=0.0, std=0.02)
+
+    def forward(self, x, offs, scale):
+        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert; scale: (N,) the
+        routing weight of each row -> (N, D) expert outputs times their routing weights."""
+        dtype = _matmul_dtype(x)
+        x = x.to(dtype)
+        # The weight scales the hidden state (H wide) rather than the output (D wide): the same
+        # product, as the down projection is linear, over fewer numbers.
+        up = expert_mm(x, self.c_up.to(dtype), offs) * scale.to(dtype).unsqueeze(-1)  # (N, H)
+        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * up  # (N, H)
+        return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
+    token reaches all K of its experts (no capacity factor, no dropped tokens).
+
+    forward(x (B, T_seq, D)) -> (y (B, T_seq, D), (balance loss (), expert token counts (E,)))."""
+
     def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k, self.renorm = config.n_experts, config.moe_top_k, config.moe_renorm
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)  # weight (E, D)
+        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden)
+        # Shared experts see every token, so they are one dense SwiGLU as wide as all of them together.
+        n_shared = config.n_shared_experts * config.expert_hidden
+        self.shared = SwiGLU(config.n_embd, n_shared) if n_shared else None
+
+    def route(self, x):
+        """(T, D) -> softmax scores (T, E), routing weights (T, K), chosen experts (T, K)."""
+        # fp32 even under bf16 autocast: rounding the logits would flip near-tied top-k choices.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
+        scores = logits.softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)  # (T, K) each
+        if self.renorm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, weights, experts
+
+    def dispatch(self, x, weights, experts, counts):
+        """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
+        T, K = experts.shape
+        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
+        token = order // K  # (N,) the token of each sorted pair
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
+        # rows (and their backward the other one), about half the time of advanced indexing on CPU.
+        x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
+        out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
+        y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
+        return y.index_add_(0, token, out)
+
+    def forward(self, x):
+        shape = x.shape  # (B, T_seq, D)
+        x = x.reshape(-1, shape[-1])  # (T, D): batch and sequence flattened, T = B * T_seq tokens
+        scores, weights, experts = self.route(x)
+        counts = expert_counts(experts, self.n_experts)  # (E,)
+        y = self.dispatch(x, weights, experts, counts)  # (T, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.n_embd, config.mlp_hidden)
+        # Dense or MoE, the feed-forward is always `mlp`, so the parameter names keep one layout.
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, routing=None):
+        """routing: a list an MoE block appends its (balance loss, expert counts) to. An argument
+        rather than a second return value, so a block still maps a tensor to a tensor (forward
+        hooks, the NITP target); not module state, so compiled and DDP models see plain outputs."""
         x = x + self.attn(self.ln_1(x), cos, sin)
-        return x + F.dropout(self.mlp(self.ln_2(x)), p=self.dropout, training=self.training)
+        if self.is_moe:
+            y, stats = self.mlp(self.ln_2(x))
+            if routing is not None:
+                routing.append(stats)
+        else:
+            y = self.mlp(self.ln_2(x))
+        return x + F.dropout(y, p=self.dropout, training=self.training)
 
 
 class GPT(nn.Module):
@@ -160,7 +383,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -171,7 +394,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+            if name.endswith(("c_proj.weight", "experts.c_proj")):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
         # Built after the trunk is initialised, so that NTP and NITP runs with one seed start from
@@ -191,26 +414,28 @@ class GPT(nn.Module):
         return n
 
     def trunk(self, idx):
-        """idx (B, T) -> (z, h): the layer-k states z (B, T, C), the implicit-token source, and the
-        final states h (B, T, C) after ln_f, what the unembedding sees. Only these two are kept."""
+        """idx (B, T) -> (z, h, routing): the layer-k states z (B, T, C), the implicit-token source;
+        the final states h (B, T, C) after ln_f, what the unembedding sees (only these two are kept);
+        and each MoE block's (balance loss, expert counts), empty for a dense model."""
         B, T = idx.shape
         cfg = self.config
         assert T <= cfg.block_size, f"sequence of {T} tokens exceeds block_size={cfg.block_size}"
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.transformer.wte(idx)  # (B, T, C), layer 0
         z = x if cfg.nitp_layer == 0 else None
+        routing = []  # (balance loss, expert counts) of each MoE block
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, routing)
             if i + 1 == cfg.nitp_layer:
                 z = x
-        return z, self.transformer.ln_f(x)
+        return z, self.transformer.ln_f(x), routing
 
     def forward(self, idx, targets=None, nitp_weight=None):
         """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
         nitp_weight: optional tensor overriding config.nitp_weight (a schedule such as a late start
         changes its value without recompiling). Returns logits (B, T, V) and the loss dict (None
         without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on."""
-        z, h = self.trunk(idx)
+        z, h, routing = self.trunk(idx)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
@@ -220,6 +445,8 @@ class GPT(nn.Module):
             losses["nitp"] = self.nitp_term(h, z)
             weight = self.config.nitp_weight if nitp_weight is None else nitp_weight
             losses["total"] = ntp + weight * losses["nitp"]
+        if routing:
+            self._add_moe_losses(losses, routing)
         return logits, losses
 
     def nitp_term(self, h, z):
@@ -229,6 +456,15 @@ class GPT(nn.Module):
             return generic_cosine_loss(h)
         pred = self.nitp_head(h) if self.nitp_head is not None else h  # (B, T, C)
         return implicit_token_loss(pred, z, loss=cfg.nitp_loss, shift=cfg.nitp_shift, stop_grad=cfg.nitp_stop_grad)
+
+    def _add_moe_losses(self, losses, routing):
+        """moe_aux: the balance loss averaged over MoE layers, so its scale (1 = perfect balance)
+        does not depend on depth; it enters the total weighted by moe_aux_weight, through the
+        ordinary backward (so loss scaling and accumulation apply to it like any loss).
+        expert_counts: (n_moe_layers, E) int64 tokens per expert, for logging balance."""
+        losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()
+        losses["expert_counts"] = torch.stack([counts for _, counts in routing]).detach()
+        losses["total"] = losses["total"] + self.config.moe_aux_weight * losses["moe_aux"]
 
     def inference_state_dict(self):
         """Weights for inference: everything but nitp_head (spec: zero inference cost). They load
@@ -266,12 +502,15 @@ class GPT(nn.Module):
 
 def flops_per_token(config):
     """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention
-    projections, the feed-forward, the unembedding; attention scores and norms are not counted.
+    projections, the feed-forward (a dense MLP, or in an MoE layer the K routed plus the shared
+    experts), the unembedding; attention scores, norms and the router are not counted.
     The NITP head adds 72 d^2 (12 d^2 parameters) plus 18 d for the cosine; its target costs
     nothing (stop-gradient, same forward pass). Returns {"ntp", "nitp", "total", "nitp_share"}."""
     d, hd = config.n_embd, config.head_dim
     attention = d * (config.n_head + 2 * config.n_kv_head) * hd + config.n_head * hd * d
-    feed_forward = 3 * d * config.mlp_hidden
-    ntp = 6 * (config.n_layer * (attention + feed_forward) + config.vocab_size * d)
+    dense_ffn = 3 * d * config.mlp_hidden
+    moe_ffn = 3 * d * config.expert_hidden * (config.moe_top_k + config.n_shared_experts) if config.n_experts else 0
+    layers = sum(attention + (moe_ffn if config.is_moe_layer(i) else dense_ffn) for i in range(config.n_layer))
+    ntp = 6 * (layers + config.vocab_size * d)
     nitp = 72 * d * d + 18 * d if config.has_nitp_head else 0
     return {"ntp": ntp, "nitp": nitp, "total": ntp + nitp, "nitp_share": nitp / ntp}

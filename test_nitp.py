@@ -316,6 +316,34 @@ def test_smooth_l1_matches_torch():
 
 
 # ------------------------------------------------------------------------------------------------
+# FLOPs accounting (spec, Appendix G)
+
+def test_flops_reproduce_the_papers_9b_moe_accounting():
+    from model import flops_per_token
+    shape = dict(n_embd=1280, n_layer=24, n_head=8, n_kv_head=4, vocab_size=152064, block_size=64, n_experts=144,
+                 moe_top_k=8, n_shared_experts=1, expert_hidden=640, nitp_layer=5, nitp_weight=0.8)
+    spec = flops_per_token(GPTConfig(**shape, n_dense_layers=0))  # the spec counts all 24 layers as MoE
+    d, de, k, L, V = 1280, 640, 9, 24, 152064
+    assert spec["ntp"] == 6 * (L * (3 * d * d + 3 * k * d * de) + V * d)  # = L (18 d^2 + 18 k d d_e) + 6 V d
+    assert spec["nitp"] == 72 * d * d + 18 * d
+    assert round(spec["ntp"] / 1e9, 2) == 5.06 and round(spec["nitp"] / 1e8, 2) == 1.18
+    assert round(100 * spec["nitp_share"], 1) == 2.3
+    real = flops_per_token(GPTConfig(**shape, n_dense_layers=1, mlp_hidden=10944))  # with the dense first layer
+    assert round(100 * real["nitp_share"], 1) == 2.3 and real["ntp"] > spec["ntp"]
+
+
+def test_flops_match_parameter_count_of_a_dense_model():
+    from model import flops_per_token
+    model = tiny_model(tie_embeddings=False)
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() < 2)
+    touched = model.num_params(include_head=False) - model.transformer.wte.weight.numel() - norms
+    flops = flops_per_token(model.config)
+    assert flops["ntp"] == 6 * touched
+    assert flops["nitp"] == 6 * sum(p.numel() for p in model.nitp_head.parameters()) + 18 * 32
+    assert flops_per_token(tiny_config(nitp_weight=0))["nitp"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
 # geometry metrics against plain NumPy
 
 def numpy_erank(h):

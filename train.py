@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, flops_per_token
+from model import GPT, GPTConfig, expert_balance_stats, flops_per_token
 from nitp import effective_rank, mean_pairwise_cosine
 from prepare_data import DataError, read_meta
 
@@ -360,7 +360,7 @@ def geometry(r):
     of the uncompiled model, at evaluation only: training keeps no hidden states around."""
     x, _ = get_batch(r.val_data, r.val_offsets[0], r.mcfg.block_size, r.device)
     with r.ctx:
-        _, h = r.raw_model.trunk(x)
+        _, h, _ = r.raw_model.trunk(x)
     states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
     stride = max(1, states.size(0) // GEOMETRY_TOKENS)
     states = states[::stride][:GEOMETRY_TOKENS]
@@ -502,15 +502,16 @@ def run(argv):
         device=device, rank=rank, world_size=world_size, accum=accum, train_data=train_data, val_data=val_data,
         val_offsets=val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters),
         logger=Logger(cfg.out_dir, master), ckpt_path=ckpt_path, say=say, master=master,
-        tokens_per_iter=tokens_per_iter, flops_per_token=flops["total"], peak=peak_flops(cfg, device))
+        tokens_per_iter=tokens_per_iter, logged=logged_losses(mcfg), flops_per_token=flops["total"], peak=peak_flops(cfg, device))
     train_loop(run_state, start_iter)
 
 
 def train_step(r, it):
     """One optimizer step: accumulation micro-steps, clipping, the non-finite guard, the update.
-    Returns (losses averaged over micro-steps as a tensor [total, ntp, nitp, ...], grad norm)."""
+    Returns the losses named in r.logged averaged over micro-steps (a tensor), the gradient norm,
+    whether the step was finite, and the MoE expert token counts (None for a dense model)."""
     cfg = r.cfg
-    sums = None
+    sums = counts = None
     for micro in range(r.accum):
         if r.world_size > 1:  # all-reduce gradients only on the last micro-step, decided before forward
             r.model.require_backward_grad_sync = micro == r.accum - 1
@@ -522,8 +523,10 @@ def train_step(r, it):
         # Every micro-batch holds the same number of tokens, so dividing each mean by the number of
         # micro-steps makes the accumulated gradient exactly that of the mean over the whole batch.
         r.scaler.scale(losses["total"] / r.accum).backward()
-        parts = torch.stack([losses[k].detach().float() for k in LOGGED_LOSSES if k in losses])
+        parts = torch.stack([losses[k].detach().float() for k in r.logged])
         sums = parts if sums is None else sums + parts
+        if "expert_counts" in losses:  # (n_moe_layers, E) tokens per expert, summed over micro-steps
+            counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
     r.scaler.unscale_(r.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), cfg.grad_clip or float("inf"))
     # One host sync per step: a non-finite update must never reach the weights (or a checkpoint).
@@ -532,10 +535,12 @@ def train_step(r, it):
         r.scaler.step(r.optimizer)
         r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
-    return sums / r.accum, norm, finite
+    return sums / r.accum, norm, finite, counts
 
 
-LOGGED_LOSSES = ("total", "ntp", "nitp")
+def logged_losses(mcfg):
+    """The entries of the loss dict that are logged, in this order."""
+    return ["total", "ntp"] + (["nitp"] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
 
 
 def nitp_weight_now(r, it):
@@ -565,14 +570,19 @@ def evaluate_and_save(r, it):
     return val
 
 
-def log_step(r, it, means, lr, norm, elapsed, steps):
+def log_step(r, it, means, lr, norm, elapsed, steps, counts):
     means = mean_over_ranks(means, r.world_size).tolist()
-    names = [k for k in LOGGED_LOSSES if k != "nitp" or r.mcfg.nitp]
-    record = {"iter": it, "loss": means[0], **dict(zip(names[1:], means[1:])), "lr": lr}
+    record = {"iter": it, "loss": means[0], **dict(zip(r.logged[1:], means[1:])), "lr": lr}
+    if counts is not None:  # load balance of this step's global batch: counts summed over ranks
+        if r.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        stats = expert_balance_stats(counts)
+        record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
     r.logger.record(**record)
     ms = 1000 * elapsed / steps
     tok_s = r.tokens_per_iter * steps / elapsed
-    parts = " ".join(f"{k} {v:.4f}" for k, v in zip(names[1:], means[1:]))
+    parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in record.items() if k not in ("iter", "loss", "lr"))
     mfu = f" mfu {100 * r.flops_per_token * tok_s / (r.peak * r.world_size):.1f}%" if r.peak else ""
     r.say(f"iter {it}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
           f"{ms:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
@@ -589,14 +599,14 @@ def train_loop(r, start_iter):
         lr = get_lr(it, cfg)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        means, norm, finite = train_step(r, it)
+        means, norm, finite, counts = train_step(r, it)
         if not finite:
             handle_nonfinite(r, it, means, norm)
         bar.update(1)
         steps += 1
         done = it + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            log_step(r, done, means, lr, norm.item(), time.time() - t0, steps)
+            log_step(r, done, means, lr, norm.item(), time.time() - t0, steps, counts)
             t0, steps = time.time(), 0
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             evaluate_and_save(r, done)

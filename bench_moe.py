@@ -1,0 +1,91 @@
+"""
+Benchmark: one MoE layer's forward + backward against a dense SwiGLU layer of the same active width,
+and the grouped-matmul dispatch against the per-expert loop, measured side by side in one run.
+
+    python bench_moe.py                          # T=4096 tokens, D=256, expert width 128, fp32, CPU
+    python bench_moe.py --tokens=8192 --reps=9
+
+The dense layer's hidden width is (K + shared) * expert width, so both do the same matmul FLOPs per
+token; what the MoE adds is routing, sorting, gathering and smaller matmuls. Variants are timed in
+turn within each repetition (so drifting machine load hits them alike) after a warm-up, and the
+median is reported.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import model
+from model import MoE, GPTConfig, SwiGLU
+
+
+def fwd_bwd(layer, x, grad):
+    """One training step's work for the layer: forward, backward into the input and the weights."""
+    if isinstance(layer, MoE):
+        y, (aux, _) = layer(x)
+        loss = (y * grad).sum() + aux
+    else:
+        loss = (layer(x) * grad).sum()
+    loss.backward()
+
+
+def timed(fn, grouped):
+    model.GROUPED_MM = grouped
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_point(n_experts, top_k, args):
+    """Median seconds per step of: dense, MoE grouped, MoE loop."""
+    cfg = GPTConfig(n_embd=args.width, n_head=4, n_experts=n_experts, moe_top_k=top_k,
+                    n_shared_experts=args.shared, expert_hidden=args.expert_hidden)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    dense = SwiGLU(args.width, (top_k + args.shared) * args.expert_hidden)
+    x = torch.randn(1, args.tokens, args.width, requires_grad=True)  # (B, T, D)
+    grad = torch.randn(1, args.tokens, args.width)
+    variants = {"dense": (lambda: fwd_bwd(dense, x, grad), True),
+                "grouped": (lambda: fwd_bwd(moe, x, grad), True),
+                "loop": (lambda: fwd_bwd(moe, x, grad), False)}
+    times = {name: [] for name in variants}
+    for rep in range(args.warmup + args.reps):
+        for name, (fn, grouped) in variants.items():  # alternate: one of each per repetition
+            t = timed(fn, grouped)
+            if rep >= args.warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096, help="T, tokens per step (batch x sequence)")
+    p.add_argument("--width", type=int, default=256, help="D, model width")
+    p.add_argument("--expert_hidden", type=int, default=128, help="H, one expert's SwiGLU width")
+    p.add_argument("--shared", type=int, default=1, help="shared experts")
+    p.add_argument("--points", default="32x4,8x2,64x8,128x8", help="E x K pairs, comma separated")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (all cores)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Another busy process on the same cores stalls every multi-threaded small matmul (the expert
+    # groups) far more than one big one: the load average is printed so a reader can judge a run.
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, "
+          f"T={args.tokens} D={args.width} H={args.expert_hidden} shared={args.shared}, "
+          f"fp32 forward+backward, median of {args.reps}")
+    print(f"{'E':>4} {'K':>3} {'dense ms':>9} {'MoE grouped ms':>15} {'MoE loop ms':>12} "
+          f"{'grouped/dense':>14} {'loop/grouped':>13}")
+    for point in args.points.split(","):
+        n_experts, top_k = map(int, point.split("x"))
+        t = bench_point(n_experts, top_k, args)
+        print(f"{n_experts:>4} {top_k:>3} {1e3 * t['dense']:>9.1f} {1e3 * t['grouped']:>15.1f} "
+              f"{1e3 * t['loop']:>12.1f} {t['grouped'] / t['dense']:>14.2f} {t['loop'] / t['grouped']:>13.2f}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
