@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp import NITP_LOSSES, implicit_token_loss
+from nitp import NITP_LOSSES, generic_cosine_loss, implicit_token_loss
 
 
 @dataclass
@@ -46,7 +46,11 @@ class GPTConfig:
     # --- NITP (spec, "Defaults") ---
     nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
-    nitp_loss: str = "cosine"  # "cosine" (paper) or "mse" (paper ablation: diverged)
+    nitp_loss: str = "cosine"  # "cosine" (paper); ablations: "mse" (diverged), "smooth_l1" (less stable), "generic_cosine" (baseline regulariser: no target, no head)
+    # --- the paper's ablation switches; the defaults are the method ---
+    nitp_shift: int = 1  # temporal shift: 1 = predict z_{t+1} (paper); 0 = z_t, same position (hurts badly)
+    nitp_stop_grad: bool = True  # stop-gradient on the target (paper); False lets layers 1..k co-adapt (worse than NTP)
+    nitp_proj: str = "swiglu"  # projection head: "swiglu" d -> 4d -> d (paper) or "none" (compare h_t itself; worse)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -72,6 +76,10 @@ class GPTConfig:
             raise ValueError(f"nitp_weight={self.nitp_weight} must be >= 0 (0 = plain next-token baseline)")
         if self.nitp_loss not in NITP_LOSSES:
             raise ValueError(f"nitp_loss={self.nitp_loss!r} must be one of {NITP_LOSSES}")
+        if self.nitp_shift not in (0, 1):
+            raise ValueError(f"nitp_shift={self.nitp_shift} must be 1 (next token, paper) or 0 (same position)")
+        if self.nitp_proj not in ("swiglu", "none"):
+            raise ValueError(f"nitp_proj={self.nitp_proj!r} must be 'swiglu' (paper) or 'none'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_experts:
@@ -102,6 +110,10 @@ class GPTConfig:
     @property
     def nitp(self):
         return self.nitp_weight > 0
+
+    @property
+    def has_nitp_head(self):
+        return self.nitp and self.nitp_proj == "swiglu" and self.nitp_loss != "generic_cosine"
 
     def is_moe_layer(self, i):
         """Whether block i (0-based) gets an MoE feed-forward instead of the dense MLP."""
@@ -377,8 +389,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
-        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.nitp else None
         cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived, so kept out of checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -386,6 +396,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "experts.c_proj")):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
+        # Built after the trunk is initialised, so that NTP and NITP runs with one seed start from
+        # the same trunk weights.
+        self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
+        if self.nitp_head is not None:
+            self.nitp_head.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -397,34 +413,49 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.nitp_head.parameters())
         return n
 
-    def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
-        Returns logits (B, T, V) and the loss dict (None without targets)."""
+    def trunk(self, idx):
+        """idx (B, T) -> (z, h, routing): the layer-k states z (B, T, C), the implicit-token source;
+        the final states h (B, T, C) after ln_f, what the unembedding sees (only these two are kept);
+        and each MoE block's (balance loss, expert counts), empty for a dense model."""
         B, T = idx.shape
         cfg = self.config
         assert T <= cfg.block_size, f"sequence of {T} tokens exceeds block_size={cfg.block_size}"
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.transformer.wte(idx)  # (B, T, C), layer 0
-        z = x if cfg.nitp_layer == 0 else None  # the implicit-token source: only layer k is kept
+        z = x if cfg.nitp_layer == 0 else None
         routing = []  # (balance loss, expert counts) of each MoE block
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, routing)
             if i + 1 == cfg.nitp_layer:
                 z = x
-        h = self.transformer.ln_f(x)  # (B, T, C) h_t, what the unembedding sees
+        return z, self.transformer.ln_f(x), routing
+
+    def forward(self, idx, targets=None, nitp_weight=None):
+        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
+        nitp_weight: optional tensor overriding config.nitp_weight (a schedule such as a late start
+        changes its value without recompiling). Returns logits (B, T, V) and the loss dict (None
+        without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on."""
+        z, h, routing = self.trunk(idx)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
         ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        losses = {"ntp": ntp}
-        if self.nitp_head is not None:
-            losses["nitp"] = implicit_token_loss(self.nitp_head(h), z, loss=cfg.nitp_loss)
-            losses["total"] = ntp + cfg.nitp_weight * losses["nitp"]
-        else:
-            losses["total"] = ntp
+        losses = {"ntp": ntp, "total": ntp}
+        if self.config.nitp:
+            losses["nitp"] = self.nitp_term(h, z)
+            weight = self.config.nitp_weight if nitp_weight is None else nitp_weight
+            losses["total"] = ntp + weight * losses["nitp"]
         if routing:
             self._add_moe_losses(losses, routing)
         return logits, losses
+
+    def nitp_term(self, h, z):
+        """The unweighted auxiliary loss: NITP, or one of the paper's ablations of it."""
+        cfg = self.config
+        if cfg.nitp_loss == "generic_cosine":
+            return generic_cosine_loss(h)
+        pred = self.nitp_head(h) if self.nitp_head is not None else h  # (B, T, C)
+        return implicit_token_loss(pred, z, loss=cfg.nitp_loss, shift=cfg.nitp_shift, stop_grad=cfg.nitp_stop_grad)
 
     def _add_moe_losses(self, losses, routing):
         """moe_aux: the balance loss averaged over MoE layers, so its scale (1 = perfect balance)
@@ -467,3 +498,19 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def flops_per_token(config):
+    """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention
+    projections, the feed-forward (a dense MLP, or in an MoE layer the K routed plus the shared
+    experts), the unembedding; attention scores, norms and the router are not counted.
+    The NITP head adds 72 d^2 (12 d^2 parameters) plus 18 d for the cosine; its target costs
+    nothing (stop-gradient, same forward pass). Returns {"ntp", "nitp", "total", "nitp_share"}."""
+    d, hd = config.n_embd, config.head_dim
+    attention = d * (config.n_head + 2 * config.n_kv_head) * hd + config.n_head * hd * d
+    dense_ffn = 3 * d * config.mlp_hidden
+    moe_ffn = 3 * d * config.expert_hidden * (config.moe_top_k + config.n_shared_experts) if config.n_experts else 0
+    layers = sum(attention + (moe_ffn if config.is_moe_layer(i) else dense_ffn) for i in range(config.n_layer))
+    ntp = 6 * (layers + config.vocab_size * d)
+    nitp = 72 * d * d + 18 * d if config.has_nitp_head else 0
+    return {"ntp": ntp, "nitp": nitp, "total": ntp + nitp, "nitp_share": nitp / ntp}

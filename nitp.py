@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-NITP_LOSSES = ("cosine", "mse")
+NITP_LOSSES = ("cosine", "mse", "smooth_l1", "generic_cosine")
 
 
 def cosine_loss(pred, target):
@@ -39,22 +39,45 @@ def mse_loss(pred, target):
     return (pred.float() - target.float()).pow(2).mean(dim=-1)
 
 
-def implicit_token_loss(pred, target, loss="cosine"):
+def smooth_l1_loss(pred, target):
+    """Per-position smooth-L1 (Huber, beta 1) over the last dim: (..., C) -> (...). Paper ablation:
+    close to cosine but less stable."""
+    return F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=-1)
+
+
+PER_POSITION = {"cosine": cosine_loss, "mse": mse_loss, "smooth_l1": smooth_l1_loss}
+
+
+def implicit_token_loss(pred, target, loss="cosine", shift=1, stop_grad=True):
     """The NITP loss, the one place where the shift and the stop-gradient happen.
 
     pred:   (B, T, C) the projection head's output P(h_t) at every position t.
     target: (B, T, C) the layer-k hidden states z_t at every position.
-    Position t of pred is compared with position t+1 of target; the last position of pred has no
-    next token inside the sequence and is dropped (spec, "Definitions"). The target is detached:
-    without the stop-gradient the shallow layers co-adapt to the head (paper ablation).
-    Returns the mean over the B * (T-1) pairs, a scalar fp32 tensor.
+    Position t of pred is compared with position t+shift of target; the last `shift` positions of
+    pred have no partner inside the sequence and are dropped (spec, "Definitions"). The target is
+    detached: without the stop-gradient the shallow layers co-adapt to the head (paper ablation).
+    shift=0 and stop_grad=False exist only for the paper's ablations.
+    Returns the mean over the B * (T - shift) pairs, a scalar fp32 tensor.
     """
     assert pred.shape == target.shape and pred.dim() == 3, (pred.shape, target.shape)
-    assert pred.size(1) >= 2, "NITP needs sequences of at least 2 tokens"
-    z_next = target.detach()[:, 1:, :]  # (B, T-1, C) z_{t+1}
-    p_now = pred[:, :-1, :]  # (B, T-1, C) P(h_t)
-    per_position = {"cosine": cosine_loss, "mse": mse_loss}[loss](p_now, z_next)  # (B, T-1)
-    return per_position.mean()
+    assert pred.size(1) > shift, f"NITP needs sequences longer than the shift ({shift})"
+    if stop_grad:
+        target = target.detach()
+    T = pred.size(1)
+    z_next = target[:, shift:, :]  # (B, T-shift, C) z_{t+shift}
+    p_now = pred[:, :T - shift, :]  # (B, T-shift, C) P(h_t)
+    return PER_POSITION[loss](p_now, z_next).mean()  # (B, T-shift) -> scalar
+
+
+def generic_cosine_loss(states):
+    """The paper's "generic cosine" baseline regulariser: the mean pairwise cosine between the
+    last states of distinct tokens of each sequence, states (B, T, C) -> scalar. There is no
+    prediction target: it pushes states apart without saying where they should go (the paper
+    found no gain over NTP). Same O(T C) identity as mean_pairwise_cosine below."""
+    u = F.normalize(states.float(), dim=-1, eps=1e-12)  # (B, T, C)
+    T = u.size(1)
+    pair_sum = u.sum(dim=1).pow(2).sum(dim=-1) - u.pow(2).sum(dim=(1, 2))  # (B,) sum over i != j
+    return (pair_sum / (T * (T - 1))).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,12 +91,12 @@ def effective_rank(states):
     are all identical have no spread at all; we return 0.0 for them rather than NaN.
     Computed in float64: the small eigenvalues decide the entropy.
     """
-    h = states.detach().double()
-    h = h - h.mean(dim=0, keepdim=True)  # (n, d)
+    raw = states.detach().double()
+    h = raw - raw.mean(dim=0, keepdim=True)  # (n, d)
     cov = h.T @ h / max(h.size(0) - 1, 1)  # (d, d)
     lam = torch.linalg.eigvalsh(cov).clamp(min=0.0)  # (d,), tiny negatives are round-off
     total = lam.sum()
-    if total <= 0:
+    if total <= 1e-12 * raw.pow(2).sum(dim=1).mean():  # spread below round-off of the centring
         return 0.0
     p = lam / total
     entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # 0 log 0 = 0

@@ -24,9 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prepare_data
 import train
 from model import GPT, GPTConfig
-from nitp import cosine_loss, implicit_token_loss, mse_loss
+from nitp import (cosine_loss, effective_rank, generic_cosine_loss, implicit_token_loss, mean_pairwise_cosine,
+                  mse_loss, smooth_l1_loss)
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,8 +94,7 @@ def test_target_gets_no_gradient():
 # ------------------------------------------------------------------------------------------------
 # the model
 
-def reference_nitp(model, idx, k):
-    """1 - cos(nitp_head(h_t), z_{t+1}) from hooked states, independent of GPT.forward's bookkeeping."""
+def hooked_states(model, idx, k):
     seen = {}
     src = model.transformer.wte if k == 0 else model.transformer.h[k - 1]
     hooks = [src.register_forward_hook(lambda m, i, o: seen.__setitem__("z", o)),
@@ -101,8 +102,22 @@ def reference_nitp(model, idx, k):
     model(idx)
     for h in hooks:
         h.remove()
-    pred = model.nitp_head(seen["h"][:, :-1])
-    return (1 - F.cosine_similarity(pred, seen["z"][:, 1:].detach(), dim=-1)).mean()
+    return seen["z"], seen["h"]
+
+
+def reference_nitp(model, idx, k, shift=1, detach=True):
+    """1 - cos(nitp_head(h_t), z_{t+shift}) from hooked states, independent of GPT.forward's bookkeeping."""
+    z, h = hooked_states(model, idx, k)
+    pred = model.nitp_head(h) if model.nitp_head is not None else h
+    z = z.detach() if detach else z
+    T = idx.size(1)
+    return (1 - F.cosine_similarity(pred[:, :T - shift], z[:, shift:], dim=-1)).mean()
+
+
+def nitp_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -236,6 +251,136 @@ def test_config_rejects_bad_values():
 
 
 # ------------------------------------------------------------------------------------------------
+# the paper's ablation switches
+
+def test_same_position_shift_compares_t_with_t():
+    z = torch.randn(2, 6, 4)
+    assert implicit_token_loss(z, z, shift=0).item() < 1e-6
+    model = tiny_model(nitp_shift=0)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(model(idx, idx)[1]["nitp"], reference_nitp(model, idx, 1, shift=0), atol=1e-6)
+
+
+def test_stop_gradient_off_lets_gradient_reach_the_target_path():
+    pred, target = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 5, 4, requires_grad=True)
+    implicit_token_loss(pred, target, stop_grad=False).backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0
+    model = tiny_model(nitp_stop_grad=False)
+    idx = torch.randint(0, 64, (2, 16))
+    off = nitp_grads(model, model(idx, idx)[1]["nitp"])
+    ref_on = nitp_grads(model, reference_nitp(model, idx, 1, detach=True))
+    ref_off = nitp_grads(model, reference_nitp(model, idx, 1, detach=False))
+    name = "transformer.h.0.mlp.c_proj.weight"  # block 1 shapes z: it gets more gradient without stop-gradient
+    assert torch.allclose(off[name], ref_off[name], atol=1e-6) and not torch.allclose(off[name], ref_on[name])
+
+
+def test_no_projection_head_compares_h_with_next_target():
+    model = tiny_model(nitp_proj="none")
+    assert model.nitp_head is None
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(model(idx, idx)[1]["nitp"], reference_nitp(model, idx, 1), atol=1e-6)
+
+
+def test_zero_weight_before_start_contributes_no_gradient():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 16))
+    _, losses = model(idx, idx, nitp_weight=torch.tensor(0.0))
+    before_start = nitp_grads(model, losses["total"])
+    ntp_only = nitp_grads(model, model(idx, idx)[1]["ntp"])
+    assert all(n in before_start and torch.equal(before_start[n], g) for n, g in ntp_only.items())
+    assert all(g.abs().sum() == 0 for n, g in before_start.items() if n.startswith("nitp_head"))
+    _, losses = model(idx, idx, nitp_weight=torch.tensor(1.0))
+    assert torch.allclose(losses["total"], model(idx, idx)[1]["total"])
+
+
+def test_generic_cosine_regulariser_has_no_target():
+    idx = torch.randint(0, 64, (2, 16))
+    values = []
+    for k in (0, 2):  # the target layer plays no part
+        model = tiny_model(nitp_loss="generic_cosine", nitp_layer=k)
+        assert model.nitp_head is None
+        _, h = hooked_states(model, idx, k)
+        u = F.normalize(h, dim=-1)
+        sim = u @ u.transpose(1, 2)  # (B, T, T)
+        off_diagonal = (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)) / (16 * 15)
+        loss = model(idx, idx)[1]["nitp"]
+        assert torch.allclose(loss, off_diagonal.mean(), atol=1e-6)
+        values.append(loss)
+    assert torch.allclose(values[0], values[1])  # same seed, same weights: no dependence on layer k
+    assert torch.allclose(generic_cosine_loss(h), off_diagonal.mean(), atol=1e-6)
+
+
+def test_smooth_l1_matches_torch():
+    a, b = 3 * torch.randn(4, 6), torch.randn(4, 6)
+    assert torch.allclose(smooth_l1_loss(a, b), F.smooth_l1_loss(a, b, reduction="none").mean(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs accounting (spec, Appendix G)
+
+def test_flops_reproduce_the_papers_9b_moe_accounting():
+    from model import flops_per_token
+    shape = dict(n_embd=1280, n_layer=24, n_head=8, n_kv_head=4, vocab_size=152064, block_size=64, n_experts=144,
+                 moe_top_k=8, n_shared_experts=1, expert_hidden=640, nitp_layer=5, nitp_weight=0.8)
+    spec = flops_per_token(GPTConfig(**shape, n_dense_layers=0))  # the spec counts all 24 layers as MoE
+    d, de, k, L, V = 1280, 640, 9, 24, 152064
+    assert spec["ntp"] == 6 * (L * (3 * d * d + 3 * k * d * de) + V * d)  # = L (18 d^2 + 18 k d d_e) + 6 V d
+    assert spec["nitp"] == 72 * d * d + 18 * d
+    assert round(spec["ntp"] / 1e9, 2) == 5.06 and round(spec["nitp"] / 1e8, 2) == 1.18
+    assert round(100 * spec["nitp_share"], 1) == 2.3
+    real = flops_per_token(GPTConfig(**shape, n_dense_layers=1, mlp_hidden=10944))  # with the dense first layer
+    assert round(100 * real["nitp_share"], 1) == 2.3 and real["ntp"] > spec["ntp"]
+
+
+def test_flops_match_parameter_count_of_a_dense_model():
+    from model import flops_per_token
+    model = tiny_model(tie_embeddings=False)
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() < 2)
+    touched = model.num_params(include_head=False) - model.transformer.wte.weight.numel() - norms
+    flops = flops_per_token(model.config)
+    assert flops["ntp"] == 6 * touched
+    assert flops["nitp"] == 6 * sum(p.numel() for p in model.nitp_head.parameters()) + 18 * 32
+    assert flops_per_token(tiny_config(nitp_weight=0))["nitp"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry metrics against plain NumPy
+
+def numpy_erank(h):
+    h = h - h.mean(0)
+    lam = np.clip(np.linalg.eigvalsh(np.cov(h, rowvar=False)), 0, None)
+    p = lam[lam > 0] / lam.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def numpy_mean_cos(h):
+    u = h / np.linalg.norm(h, axis=1, keepdims=True)
+    n = len(h)
+    return float(np.mean([u[i] @ u[j] for i in range(n) for j in range(n) if i != j]))
+
+
+def test_geometry_matches_numpy_reference():
+    h = np.random.default_rng(0).normal(size=(60, 12)) @ np.diag(np.linspace(0.1, 3, 12))
+    assert effective_rank(torch.tensor(h)) == pytest.approx(numpy_erank(h), rel=1e-9)
+    assert mean_pairwise_cosine(torch.tensor(h)) == pytest.approx(numpy_mean_cos(h), abs=1e-12)
+    shifted = h + 5.0  # a common offset: rank unchanged (centred), cosine pulled towards 1
+    assert effective_rank(torch.tensor(shifted)) == pytest.approx(numpy_erank(h), rel=1e-9)
+    assert mean_pairwise_cosine(torch.tensor(shifted)) == pytest.approx(numpy_mean_cos(shifted), abs=1e-12)
+
+
+def test_geometry_degenerate_cases():
+    v = torch.randn(8, dtype=torch.float64)
+    identical = v.repeat(20, 1)
+    assert effective_rank(identical) == 0.0  # no spread at all (documented choice; not NaN)
+    assert mean_pairwise_cosine(identical) == pytest.approx(1.0)
+    rank_one = torch.linspace(-2, 3, 20, dtype=torch.float64)[:, None] * v  # states along one line
+    assert effective_rank(rank_one) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(rank_one) == pytest.approx(numpy_mean_cos(rank_one.numpy()), abs=1e-12)
+    isotropic = torch.eye(6, dtype=torch.float64).repeat(50, 1) * torch.tensor([1.0, -1.0]).repeat_interleave(150)[:, None]
+    assert effective_rank(isotropic) == pytest.approx(6.0, rel=1e-9)  # spread evenly over 6 directions
+
+
+# ------------------------------------------------------------------------------------------------
 # train.py: configuration, schedule, data
 
 def test_cli_parses_types_and_config_files(tmp_path):
@@ -324,11 +469,25 @@ def test_training_run_learns_and_logs(data_dir, tmp_path):
     steps, evals = read_log(out)
     assert [r["iter"] for r in steps] == list(range(1, 31))  # max_iters counts optimizer steps
     assert set(steps[0]) == {"iter", "loss", "ntp", "nitp", "lr"}
-    assert [r["iter"] for r in evals] == [0, 15, 30] and set(evals[0]) == {"iter", "val_loss", "val_nitp"}
+    assert [r["iter"] for r in evals] == [0, 15, 30] and set(evals[0]) == {"iter", "val_loss", "val_nitp", "erank", "mean_cos"}
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["iter_num"] == 30
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+
+
+def test_exported_inference_weights_load_into_baseline_with_identical_logits(data_dir, tmp_path):
+    import sample
+    out = str(tmp_path / "out")
+    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3") == 0
+    sample.main([f"--out_dir={out}", f"--export={tmp_path / 'inference.pt'}"])
+    exported = torch.load(tmp_path / "inference.pt", weights_only=False)
+    assert exported["model_config"]["nitp_weight"] == 0 and not any("nitp_head" in k for k in exported["model"])
+    plain = GPT(GPTConfig(**exported["model_config"]))
+    plain.load_state_dict(exported["model"], strict=True)
+    trained, _ = sample.load_model(os.path.join(out, "ckpt.pt"))
+    idx = torch.randint(0, 60, (2, 16))
+    assert torch.equal(plain.eval()(idx)[0], trained(idx)[0])
 
 
 def test_compiled_training_run_evaluates(data_dir, tmp_path):
@@ -475,3 +634,139 @@ def test_ddp_resume_is_exact(data_dir, ddp_run, tmp_path):
     wb = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
     assert len(wb["rng_states"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_data.py
+
+GPT2_FILE = HERE.parent / "shared" / "tokenizers" / "gpt2.tiktoken"
+needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.exists(), reason="the shared gpt2.tiktoken file is not here")
+
+
+@needs_gpt2
+def test_gpt2_ids_and_round_trip_from_local_ranks():
+    tok = prepare_data.get_tokenizer("gpt2", tiktoken_file=str(GPT2_FILE))
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.eot_token == 50256 and tok.vocab_size == 50257
+    text = "NITP predicts z_{t+1}: caf\u00e9, \u6f22\u5b57, <|endoftext|> stays text.\n"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_byte_tokenizer_round_trip():
+    tok = prepare_data.get_tokenizer("byte")
+    text = "def f(x):\n    return '\u00e9\u6f22'\n"
+    assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < tok.eot_token == 256
+
+
+def test_offline_tokenizer_error_says_what_to_do(monkeypatch):
+    import tiktoken
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(prepare_data.DataError, match="--tiktoken_file"):
+        prepare_data.get_tokenizer("gpt2")
+
+
+def split_documents(path, eot):
+    ids = np.fromfile(path, dtype=np.uint16)
+    ends = np.flatnonzero(ids == eot)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [bytes(ids[s:e].astype(np.uint8)).decode() for s, e in zip(starts, ends)]
+
+
+def write_corpus(folder, n=40):
+    import gzip
+    folder.mkdir()
+    docs = [f"document {i}: " + "lorem ipsum " * (i % 7) + f"end {i}\n" for i in range(n)]
+    for i, d in enumerate(docs[: n // 2]):
+        (folder / f"{i:03d}.txt").write_text(d)
+    with gzip.open(folder / "rest.jsonl.gz", "wt") as f:
+        for d in docs[n // 2:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    (folder / "empty.txt").write_text("  \n")
+    return docs
+
+
+def test_prepared_dataset_round_trips_and_splits_by_document(tmp_path):
+    docs = write_corpus(tmp_path / "corpus")
+    prepare_data.main([f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d",
+                       "--val_fraction=0.25"])
+    meta = prepare_data.read_meta(tmp_path / "d")
+    train_docs = split_documents(tmp_path / "d" / "train.bin", meta["eot_token"])
+    val_docs = split_documents(tmp_path / "d" / "val.bin", meta["eot_token"])
+    assert sorted(train_docs + val_docs) == sorted(docs)  # every document exactly once, decoded intact
+    assert train_docs and val_docs and not set(train_docs) & set(val_docs)
+    assert meta["empty_documents"] == 1 and meta["train_tokens"] == sum(len(d) + 1 for d in train_docs)
+
+
+def test_prepare_is_deterministic_and_refuses_a_different_dataset(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    args = [f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--val_fraction=0.25"]
+    prepare_data.main([*args, "--name=a"])
+    prepare_data.main([*args, "--name=b"])
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    prepare_data.main([*args, "--name=a"])  # same recipe: up to date, nothing rewritten
+    with pytest.raises(prepare_data.DataError, match="--overwrite"):
+        prepare_data.main([*args, "--name=a", "--seed=5"])
+
+
+def test_invalid_utf8_is_counted_and_replaced(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "bad.txt").write_bytes(b"ok \xff\xfe then more\n")
+    for i in range(5):
+        (folder / f"good{i}.txt").write_text(f"good {i}\n")
+    prepare_data.main([f"--input={folder}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d",
+                       "--val_fraction=0.5"])
+    meta = prepare_data.read_meta(tmp_path / "d")
+    assert meta["replaced_bytes"] == 2 and meta["train_documents"] + meta["val_documents"] == 6
+
+
+def test_interrupted_prepare_leaves_nothing_train_accepts(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "corpus")
+    calls = []
+    real = prepare_data.ByteTokenizer.encode
+    def failing(self, text):
+        calls.append(1)
+        if len(calls) > 10:
+            raise KeyboardInterrupt
+        return real(self, text)
+    monkeypatch.setattr(prepare_data.ByteTokenizer, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.main([f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d"])
+    assert not (tmp_path / "d").exists()
+    for folder in (tmp_path / "d", tmp_path / "d.tmp"):
+        with pytest.raises(train.UsageError, match="meta.json"):
+            train.load_split(str(folder), "train")
+
+
+@pytest.mark.parametrize("args, needle", [(["--input=/no/such/file"], "matches no file"),
+                                          (["--input={empty}"], "empty"),
+                                          (["--tokenizer=gpt3"], "unknown tokenizer")])
+def test_prepare_errors_are_one_line(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("\n")
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    out = subprocess.run([sys.executable, "prepare_data.py", *args, f"--root={tmp_path}"], cwd=HERE,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the experiment runner
+
+def test_experiment_runner_table_is_mean_and_spread_over_seeds(data_dir, tmp_path):
+    import run_experiments
+    root = str(tmp_path / "exp")
+    run_experiments.main(["--variants=ntp,nitp", "--seeds=2", f"--out={root}", "--max_iters=4", "--",
+                          *TINY, f"--data_dir={data_dir}", "--eval_interval=2"])
+    table = (tmp_path / "exp" / "results.md").read_text().splitlines()
+    finals = {v: [read_log(os.path.join(root, f"{v}_s{s}"))[1][-1] for s in (1, 2)] for v in ("ntp", "nitp")}
+    for row, v in zip(table[2:], ("ntp", "nitp")):
+        losses = [f["val_loss"] for f in finals[v]]
+        assert row.startswith(f"| {v} | 2 | {np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} |")
+    assert "| - |" in table[2] and "| - |" not in table[3]  # the baseline has no NITP loss
+    # same seed, same data and initial weights: the step-0 evaluation of the trunk is identical
+    first = {v: read_log(os.path.join(root, f"{v}_s1"))[1][0] for v in ("ntp", "nitp")}
+    assert first["ntp"]["val_loss"] == pytest.approx(first["nitp"]["val_loss"], rel=1e-6)

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, expert_balance_stats, flops_per_token
+from nitp import effective_rank, mean_pairwise_cosine
+from prepare_data import DataError, read_meta
 
 
 @dataclass
@@ -66,6 +68,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
     seed: int = 1337
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
+    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+    nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -171,12 +175,10 @@ def parse_args(argv):
 
 def load_split(data_dir, split):
     """The token ids of one split as a read-only memmap, and the dataset's meta.json."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise UsageError(f"no dataset at {data_dir} (meta.json missing): run `python prepare_data.py` "
-                         f"for the embedded default, or `python prepare_data.py --input=YOUR_FILES --name=NAME`")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        meta = read_meta(data_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r"), meta
 
 
@@ -300,6 +302,21 @@ def pick_dtype(requested, device, say):
     return dtype
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU on CUDA.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(cfg, device):
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU)."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def git_hash():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -312,24 +329,42 @@ def git_hash():
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
+GEOMETRY_TOKENS = 8192  # at most this many last states (from the first validation batch) for erank and mean_cos
+
+
 @torch.no_grad()
-def evaluate(model, val_data, offsets, block_size, device, ctx, world_size, rank):
-    """Mean validation losses over the fixed batches; each process takes every world_size-th one."""
-    model.eval()
-    sums = torch.zeros(3, device=device)  # ntp, nitp, batches
-    for i in range(rank, len(offsets), world_size):
-        x, y = get_batch(val_data, offsets[i], block_size, device)
-        with ctx:
-            _, losses = model(x, y)
+def evaluate(r):
+    """Mean validation losses over the fixed batches (each process takes every world_size-th one),
+    plus the geometry of the last hidden states (spec, Appendix D) on rank 0."""
+    r.model.eval()
+    sums = torch.zeros(3, device=r.device)  # ntp, nitp, batches
+    for i in range(r.rank, len(r.val_offsets), r.world_size):
+        x, y = get_batch(r.val_data, r.val_offsets[i], r.mcfg.block_size, r.device)
+        with r.ctx:
+            _, losses = r.model(x, y)
         sums += torch.stack([losses["ntp"].float(), losses.get("nitp", losses["ntp"] * 0).float(),
-                             torch.ones((), device=device)])
-    if world_size > 1:
+                             torch.ones((), device=r.device)])
+    if r.world_size > 1:
         torch.distributed.all_reduce(sums)
-    model.train()
     record = {"val_loss": (sums[0] / sums[2]).item()}
-    if "nitp" in losses:
+    if r.mcfg.nitp:
         record["val_nitp"] = (sums[1] / sums[2]).item()
+    if r.master:
+        record.update(geometry(r))
+    r.model.train()
     return record
+
+
+def geometry(r):
+    """erank and mean_cos of the final states h_t on the first validation batch. One extra forward
+    of the uncompiled model, at evaluation only: training keeps no hidden states around."""
+    x, _ = get_batch(r.val_data, r.val_offsets[0], r.mcfg.block_size, r.device)
+    with r.ctx:
+        _, h, _ = r.raw_model.trunk(x)
+    states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
+    stride = max(1, states.size(0) // GEOMETRY_TOKENS)
+    states = states[::stride][:GEOMETRY_TOKENS]
+    return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
 def mean_over_ranks(values, world_size):
@@ -456,6 +491,9 @@ def run(argv):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git_hash(), "argv": argv}, f, indent=2)
+    flops = flops_per_token(mcfg)
+    say(f"training FLOPs per token (6 x params touched): {flops['total']:.3e}, of which NITP "
+        f"{flops['nitp']:.3e} = {100 * flops['nitp_share']:.2f}% of NTP")
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M "
         f"at inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; "
         f"nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} nitp_loss={mcfg.nitp_loss}")
@@ -464,15 +502,16 @@ def run(argv):
         device=device, rank=rank, world_size=world_size, accum=accum, train_data=train_data, val_data=val_data,
         val_offsets=val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters),
         logger=Logger(cfg.out_dir, master), ckpt_path=ckpt_path, say=say, master=master,
-        tokens_per_iter=tokens_per_iter)
+        tokens_per_iter=tokens_per_iter, logged=logged_losses(mcfg), flops_per_token=flops["total"], peak=peak_flops(cfg, device))
     train_loop(run_state, start_iter)
 
 
 def train_step(r, it):
     """One optimizer step: accumulation micro-steps, clipping, the non-finite guard, the update.
-    Returns (losses averaged over micro-steps as a tensor [total, ntp, nitp, ...], grad norm)."""
+    Returns the losses named in r.logged averaged over micro-steps (a tensor), the gradient norm,
+    whether the step was finite, and the MoE expert token counts (None for a dense model)."""
     cfg = r.cfg
-    sums = None
+    sums = counts = None
     for micro in range(r.accum):
         if r.world_size > 1:  # all-reduce gradients only on the last micro-step, decided before forward
             r.model.require_backward_grad_sync = micro == r.accum - 1
@@ -480,12 +519,14 @@ def train_step(r, it):
                                 r.rank * r.accum + micro)
         x, y = get_batch(r.train_data, offsets, r.mcfg.block_size, r.device)
         with r.ctx:
-            _, losses = r.model(x, y)
+            _, losses = r.model(x, y, **nitp_weight_now(r, it))
         # Every micro-batch holds the same number of tokens, so dividing each mean by the number of
         # micro-steps makes the accumulated gradient exactly that of the mean over the whole batch.
         r.scaler.scale(losses["total"] / r.accum).backward()
-        parts = torch.stack([losses[k].detach().float() for k in LOGGED_LOSSES if k in losses])
+        parts = torch.stack([losses[k].detach().float() for k in r.logged])
         sums = parts if sums is None else sums + parts
+        if "expert_counts" in losses:  # (n_moe_layers, E) tokens per expert, summed over micro-steps
+            counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
     r.scaler.unscale_(r.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), cfg.grad_clip or float("inf"))
     # One host sync per step: a non-finite update must never reach the weights (or a checkpoint).
@@ -494,10 +535,21 @@ def train_step(r, it):
         r.scaler.step(r.optimizer)
         r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
-    return sums / r.accum, norm, finite
+    return sums / r.accum, norm, finite, counts
 
 
-LOGGED_LOSSES = ("total", "ntp", "nitp")
+def logged_losses(mcfg):
+    """The entries of the loss dict that are logged, in this order."""
+    return ["total", "ntp"] + (["nitp"] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
+
+
+def nitp_weight_now(r, it):
+    """A late NITP start (paper ablation) as a weight tensor: 0 before nitp_start_iter, lambda after.
+    A tensor, not a float, so that the compiled graph is not rebuilt when it switches."""
+    if not r.mcfg.nitp or r.cfg.nitp_start_iter == 0:
+        return {}
+    weight = 0.0 if it < r.cfg.nitp_start_iter else r.mcfg.nitp_weight
+    return {"nitp_weight": torch.tensor(weight, device=r.device)}
 
 
 def save(r, it, val):
@@ -510,7 +562,7 @@ def save(r, it, val):
 
 
 def evaluate_and_save(r, it):
-    val = evaluate(r.model, r.val_data, r.val_offsets, r.mcfg.block_size, r.device, r.ctx, r.world_size, r.rank)
+    val = evaluate(r)
     r.logger.record(iter=it, **val)
     r.say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
     if it > 0:
@@ -518,15 +570,22 @@ def evaluate_and_save(r, it):
     return val
 
 
-def log_step(r, it, means, lr, norm, elapsed, steps):
+def log_step(r, it, means, lr, norm, elapsed, steps, counts):
     means = mean_over_ranks(means, r.world_size).tolist()
-    names = [k for k in LOGGED_LOSSES if k != "nitp" or r.mcfg.nitp]
-    record = {"iter": it, "loss": means[0], **dict(zip(names[1:], means[1:])), "lr": lr}
+    record = {"iter": it, "loss": means[0], **dict(zip(r.logged[1:], means[1:])), "lr": lr}
+    if counts is not None:  # load balance of this step's global batch: counts summed over ranks
+        if r.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        stats = expert_balance_stats(counts)
+        record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
     r.logger.record(**record)
     ms = 1000 * elapsed / steps
-    parts = " ".join(f"{k} {v:.4f}" for k, v in zip(names[1:], means[1:]))
+    tok_s = r.tokens_per_iter * steps / elapsed
+    parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in record.items() if k not in ("iter", "loss", "lr"))
+    mfu = f" mfu {100 * r.flops_per_token * tok_s / (r.peak * r.world_size):.1f}%" if r.peak else ""
     r.say(f"iter {it}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
-          f"{ms:.0f} ms/iter {r.tokens_per_iter * steps / elapsed:,.0f} tok/s")
+          f"{ms:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
 
 
 def train_loop(r, start_iter):
@@ -540,14 +599,14 @@ def train_loop(r, start_iter):
         lr = get_lr(it, cfg)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        means, norm, finite = train_step(r, it)
+        means, norm, finite, counts = train_step(r, it)
         if not finite:
             handle_nonfinite(r, it, means, norm)
         bar.update(1)
         steps += 1
         done = it + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            log_step(r, done, means, lr, norm.item(), time.time() - t0, steps)
+            log_step(r, done, means, lr, norm.item(), time.time() - t0, steps, counts)
             t0, steps = time.time(), 0
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             evaluate_and_save(r, done)

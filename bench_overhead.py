@@ -1,0 +1,71 @@
+"""
+What NITP costs in training time, measured against plain next-token prediction on the same
+config, next to the analytic FLOPs share (spec, Appendix G). A benchmark, not a test.
+
+    python bench_overhead.py                       # a CPU-sized config
+    python bench_overhead.py --n_layer=12 --n_embd=768 --block_size=1024 --batch_size=8 --device=cuda --compile
+
+Both models are built, then training steps (forward, backward, AdamW) alternate NTP, NITP, NTP,
+... so that both see the same machine load; the overhead is the ratio of median step times.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from model import GPT, GPTConfig, flops_per_token
+
+
+def build(config, device, compile_model):
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    return (torch.compile(model) if compile_model else model), opt
+
+
+def step_time(model, opt, idx, ctx, device):
+    t0 = time.perf_counter()
+    with ctx:
+        _, losses = model(idx, idx)
+    losses["total"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    for name, default in (("n_layer", 4), ("n_embd", 512), ("n_head", 8), ("block_size", 128), ("batch_size", 8),
+                          ("vocab_size", 320), ("warmup", 3), ("rounds", 15)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size,
+                 vocab_size=args.vocab_size)
+    configs = {"ntp": GPTConfig(**shape, nitp_weight=0.0), "nitp": GPTConfig(**shape, nitp_weight=1.0)}
+    runs = {name: build(cfg, device, args.compile) for name, cfg in configs.items()}
+    idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
+    times = {name: [] for name in runs}
+    for i in range(args.warmup + args.rounds):
+        for name, (model, opt) in runs.items():  # alternate, so drifting load hits both alike
+            dt = step_time(model, opt, idx, ctx, device)
+            if i >= args.warmup:
+                times[name].append(dt)
+    ntp, nitp = statistics.median(times["ntp"]), statistics.median(times["nitp"])
+    flops = flops_per_token(configs["nitp"])
+    measured = nitp / ntp - 1
+    print(f"config: {shape}, batch {args.batch_size}, device {device}, compile {args.compile}, {torch.__version__}")
+    print(f"median step: NTP {1000 * ntp:.1f} ms, NITP {1000 * nitp:.1f} ms over {args.rounds} alternated rounds")
+    print(f"NITP extra time (measured): {100 * measured:+.2f}%")
+    print(f"NITP extra FLOPs (analytic, 6 x params touched): {100 * flops['nitp_share']:+.2f}%")
+    print(f"difference: {100 * (measured - flops['nitp_share']):+.2f} percentage points")
+
+
+if __name__ == "__main__":
+    main()
