@@ -3,8 +3,7 @@ Tests of the mixture-of-experts layer in model.py: each checks a property that b
 is wrong (equality with a per-token reference, a closed-form loss, a zero gradient, compiled ==
 eager, a two-process run). CPU, tiny shapes.
 
-    python -m pytest -q test_moe.py                 # ~1 min on 2 cores
-    NITP_SLOW=1 python -m pytest -q test_moe.py     # also the inductor compile (~1 more minute)
+    python -m pytest -q test_moe.py                 # under a minute on 2 cores
 
 Shape legend as in model.py: T tokens, E routed experts, K experts per token, D width, H expert width.
 """
