@@ -422,10 +422,12 @@ def stdlib_files() -> list[InputFile]:
     """The standard library's .py files, tests and generated code left out, sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if STDLIB_SKIP_DIRS.isdisjoint(rel.parts[:-1]) and not rel.name.startswith("test_"):
-            files.append((rel.as_posix(), InputFile(path, "txt")))
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP_DIRS]  # prune: site-packages is huge
+        for name in names:
+            if name.endswith(".py") and not name.startswith("test_"):
+                path = Path(folder, name)
+                files.append((path.relative_to(root).as_posix(), InputFile(path, "txt")))
     if not files:
         raise PrepareError(f"found no .py files under {root}: use --input=... or --source=shakespeare")
     return [file for _, file in sorted(files, key=lambda pair: pair[0])]
@@ -577,7 +579,8 @@ def _read_text(fh, origin: str, config: PrepareConfig, budget: Budget) -> Iterat
             return
         budget.spent += len(line)
         yield from doc.add(line)
-    yield from doc.finish()
+    # Under the file rule an empty file is still a document: emit it, so it is counted as empty.
+    yield from doc.finish(even_empty=config.txt_split == "file")
 
 
 def _ends_document(line: bytes, txt_split: str, separator: bytes) -> bool:
@@ -609,8 +612,8 @@ class _PieceBuffer:
         self.lines.append(line)
         self.size += len(line)
 
-    def finish(self) -> Iterator[Record]:
-        if self.lines:
+    def finish(self, even_empty: bool = False) -> Iterator[Record]:
+        if self.lines or (even_empty and not self.started):
             yield Record("text", CONT if self.started else WHOLE, b"".join(self.lines), self.origin)
         self.lines, self.size, self.started = [], 0, False
 
@@ -796,6 +799,8 @@ def fraction_threshold(val_fraction: float) -> int:
 
 def docs_threshold(seed: int, n_docs: int, val_docs: int) -> int:
     """The threshold that puts exactly val_docs of n_docs documents in val, in memory O(val_docs)."""
+    if n_docs == 0:
+        raise PrepareError("empty corpus: no non-empty document found; check --input, --text_field and --txt_split")
     if val_docs >= n_docs:
         raise PrepareError(f"--val_docs={val_docs} leaves no training document: the corpus has {n_docs}")
     smallest = np.zeros(0, dtype=np.uint64)
