@@ -12,9 +12,10 @@ then for each size:
   - prepare_data.py as a subprocess on the same files (whole wall time: start-up, reading, parsing,
     tokenising, writing); the token counts of the two must agree (prepare adds one eot per document).
 The CPU time that other processes took during each measurement is printed too ("other load"), since
-a busy machine makes the parallel run look slower than it is. Peak memory of the prepare run is reported two ways: the largest RSS of any single process of the run
-(parent or worker, from wait4), and the peak of the PSS summed over the whole process tree (sampled
-every 0.2 s from /proc; PSS splits shared pages between processes, so the sum does not double count).
+a busy machine makes the parallel run look slower than it is. Peak memory of the prepare run is
+reported two ways: the largest RSS of any single process of the run (parent or worker, from wait4),
+and the peak of the PSS summed over the whole process tree (sampled every 0.2 s from /proc; PSS
+splits shared pages between processes, so the sum does not double count).
 The corpus is deleted at the end unless --keep.
 """
 
@@ -209,7 +210,8 @@ def print_report(rows: list[dict], args) -> None:
     import tiktoken
     print(f"machine: {prepare_data.default_num_proc()} CPUs usable, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, tiktoken {tiktoken.__version__}, numpy {np.__version__}")
-    print(f"prepare_data.py --tokenizer=gpt2 --num_proc={args.num_proc}; baseline: 1 process, encode_ordinary loop")
+    print(f"prepare_data.py --tokenizer=gpt2 --num_proc={args.num_proc}; "
+          "baseline: 1 process, encode_ordinary loop")
     header = (f"{'corpus':>9} {'documents':>10} {'tokens':>12} {'baseline tok/s':>15} {'prepare tok/s':>14} "
               f"{'speedup':>8} {'prepare s':>10} {'max RSS/proc':>13} {'peak PSS sum':>13} {'other load':>11}")
     print(header)

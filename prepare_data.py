@@ -1,7 +1,7 @@
 """prepare_data.py: turn text into the token files that train.py reads.
 
 Run:
-    python prepare_data.py                          # Python's own stdlib sources -> data/stdlib (byte tokens, offline)
+    python prepare_data.py                          # stdlib sources -> data/stdlib (byte tokens, offline)
     python prepare_data.py --source=shakespeare     # Tiny Shakespeare, downloaded once into data/downloads/
     python prepare_data.py --input=corpus/ --name=mine --tokenizer=gpt2 --tiktoken_file=gpt2.tiktoken
     python prepare_data.py --help                   # every option
@@ -24,6 +24,11 @@ Documents:
     shakespeare   the Tiny Shakespeare file split on blank lines: one document per speech
 The tokenizer's end-of-text id is written BEFORE every document, so each split file starts with it and a
 model always sees it where a new document begins. Empty documents are skipped and counted.
+
+Re-running with the same options rebuilds and replaces <name>/; a folder that holds a different dataset
+(or anything not made here) is refused unless --overwrite. Unreadable files are reported and skipped,
+invalid UTF-8 is replaced by U+FFFD and counted, and memory stays bounded whatever the corpus size: input
+is read in ~1 MB chunks with at most 4 x num_proc of them in flight, and long documents are cut into pieces.
 
 Split: by document, never inside one. Document i (counted in input order, empty ones excluded) goes to
 val when splitmix64(seed, i) / 2**64 < --val_fraction; --val_docs=N instead picks exactly the N documents
@@ -341,7 +346,8 @@ class PrepareConfig:
         if self.txt_split not in TXT_SPLITS:
             raise PrepareError(f"unknown --txt_split={self.txt_split}: choose one of {', '.join(TXT_SPLITS)}")
         if self.txt_split == "separator" and not self.separator.strip():
-            raise PrepareError("--separator must hold visible characters (for blank lines use --txt_split=blank_lines)")
+            raise PrepareError("--separator must hold visible characters "
+                               "(to split on blank lines use --txt_split=blank_lines)")
 
 
 def default_name(source: str, inputs: tuple[str, ...]) -> str:
@@ -500,7 +506,7 @@ def iter_records(files, config: PrepareConfig, budget: Budget, stats: ReadStats)
             yield from _file_records(file, config, budget)
         except (OSError, EOFError, zlib.error) as err:
             stats.unreadable_files += 1
-            warn(f"skipped unreadable file {file.path} (from where it failed): {err}")
+            warn(f"could not read {file.path} ({err}); skipped it from that point on")
         else:
             stats.files_read += 1
 
@@ -554,8 +560,8 @@ def _read_parquet(path: Path, text_field: str, budget: Budget) -> Iterator[Recor
     parquet = _optional_import("pyarrow.parquet", "pyarrow", f"reading {path.name}")
     table = parquet.ParquetFile(path)
     if text_field not in table.schema_arrow.names:
-        raise PrepareError(f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}): "
-                           "pass --text_field=COLUMN")
+        columns = ", ".join(table.schema_arrow.names)
+        raise PrepareError(f"{path} has no column {text_field!r} (columns: {columns}): pass --text_field=COLUMN")
     for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
         texts = []
         for text in batch.column(0).to_pylist():
@@ -807,7 +813,8 @@ def fraction_threshold(val_fraction: float) -> int:
 def docs_threshold(seed: int, n_docs: int, val_docs: int) -> int:
     """The threshold that puts exactly val_docs of n_docs documents in val, in memory O(val_docs)."""
     if n_docs == 0:
-        raise PrepareError("empty corpus: no non-empty document found; check --input, --text_field and --txt_split")
+        raise PrepareError("empty corpus: no non-empty document found; "
+                           "check --input, --text_field and --txt_split")
     if val_docs >= n_docs:
         raise PrepareError(f"--val_docs={val_docs} leaves no training document: the corpus has {n_docs}")
     smallest = np.zeros(0, dtype=np.uint64)
@@ -981,7 +988,7 @@ def build_meta(config: PrepareConfig, tokenizer, counts: dict) -> dict:
         "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token,
         "dtype": token_dtype(tokenizer.vocab_size), "eot_placement": "before_each_document",
         **counts,
-        "bytes_per_token": round(counts["input_bytes"] / max(tokens, 1), 4),
+        "input_bytes_per_token": round(counts["input_bytes"] / max(tokens, 1), 4),
         "recipe": recipe(config),
     }
 
@@ -1073,7 +1080,7 @@ def prepare(config: PrepareConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0],
-                                epilog="See the module docstring (head -40 prepare_data.py) for the document rules.")
+                                epilog="The document rules: see the docstring, head -45 prepare_data.py")
     p.add_argument("--source", choices=SOURCES, help="named corpus (default: stdlib when no --input)")
     p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="files, folders or glob patterns: .txt .jsonl (.gz .zst) .parquet")
@@ -1087,7 +1094,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenising processes")
     p.add_argument("--max_bytes", type=int, help=f"input size cap (default: {STDLIB_MAX_BYTES} for stdlib, none)")
     p.add_argument("--text_field", default="text", help="jsonl key / parquet column (default text)")
-    p.add_argument("--txt_split", choices=TXT_SPLITS, help="documents in .txt (default file; blank_lines for shakespeare)")
+    p.add_argument("--txt_split", choices=TXT_SPLITS,
+                   help="documents in .txt (default: file; blank_lines for shakespeare)")
     p.add_argument("--separator", default="<|endoftext|>", help="with --txt_split=separator")
     p.add_argument("--llmc", action="store_true", help="also write llm.c shards into <name>/llmc/")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset of the same name")
@@ -1108,7 +1116,8 @@ def summary(meta: dict, folder: Path, seconds: float) -> str:
         f"wrote {folder}: {meta['train_documents']:,} train / {meta['val_documents']:,} val documents, "
         f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']})",
         f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']:,}, eot {meta['eot_token']}), "
-        f"{meta['bytes_per_token']:.2f} bytes/token, {meta['input_bytes'] / 1e6:.1f} MB in {seconds:.1f} s "
+        f"{meta['input_bytes_per_token']:.2f} input bytes/token, "
+        f"{meta['input_bytes'] / 1e6:.1f} MB in {seconds:.1f} s "
         f"({meta['input_bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)",
         f"skipped {meta['empty_documents_skipped']} empty documents, {meta['unreadable_files_skipped']} "
         f"unreadable files, {meta['bad_json_lines_skipped']} bad json lines; "
