@@ -452,7 +452,7 @@ def fetch_shakespeare(out_dir) -> Path:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise PrepareError(f"could not download Tiny Shakespeare ({reason}); save {SHAKESPEARE_URL} as {cache} "
-                           "or pass your own text with --input=PATH") from None
+                           "or pass a copy with --input=PATH --txt_split=blank_lines") from None
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -504,11 +504,19 @@ def iter_records(files, config: PrepareConfig, budget: Budget, stats: ReadStats)
             return
         try:
             yield from _file_records(file, config, budget)
-        except (OSError, EOFError, zlib.error) as err:
+        except _read_errors() as err:
             stats.unreadable_files += 1
             warn(f"could not read {file.path} ({err}); skipped it from that point on")
         else:
             stats.files_read += 1
+
+
+def _read_errors() -> tuple:
+    """Exception types that mean "this file is unreadable or corrupt" (the optional readers add theirs)."""
+    errors = [OSError, EOFError, zlib.error, ValueError]  # pyarrow's ArrowInvalid is a ValueError
+    if "zstandard" in sys.modules and sys.modules["zstandard"] is not None:
+        errors.append(sys.modules["zstandard"].ZstdError)
+    return tuple(errors)
 
 
 def _file_records(file: InputFile, config: PrepareConfig, budget: Budget) -> Iterator[Record]:

@@ -375,11 +375,14 @@ def test_parquet_and_zst_when_installed(tmp_path):
     import pyarrow as pa
     pq.write_table(pa.table({"text": ["pq one", None, "pq two"]}), tmp_path / "a.parquet")
     (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst one"}\n'))
-    meta = prepare(config(tmp_path, [tmp_path / "a.parquet", tmp_path / "b.jsonl.zst"], val_docs=1))
+    (tmp_path / "c.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "d.txt.zst").write_bytes(b"not zstd at all")
+    inputs = [tmp_path / name for name in ("a.parquet", "b.jsonl.zst", "c.parquet", "d.txt.zst")]
+    meta = prepare(config(tmp_path, inputs, val_docs=1))
     tok = pd.ByteTokenizer()
     docs = split_documents(tmp_path / "data/ds", "train", tok) + split_documents(tmp_path / "data/ds", "val", tok)
     assert sorted(docs) == ["pq one", "pq two", "zst one"]
-    assert meta["empty_documents_skipped"] == 1
+    assert (meta["empty_documents_skipped"], meta["unreadable_files_skipped"]) == (1, 2)
 
 
 # ----------------------------------------------------------------------------- output folder safety
