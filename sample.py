@@ -36,6 +36,8 @@ def export_inference(ckpt_path, export_path):
 
 def tokenizer_for(train_config, tiktoken_file):
     from prepare_data import get_tokenizer, read_meta  # only sampling needs the tokenizer
+    if train_config.get("train_shards"):
+        return get_tokenizer("gpt2", tiktoken_file=tiktoken_file)  # llm.c shards hold GPT-2 ids
     data_dir = train_config["data_dir"] or os.path.join("data", train_config["dataset"])
     return get_tokenizer(read_meta(data_dir)["tokenizer"], tiktoken_file=tiktoken_file)
 

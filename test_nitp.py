@@ -652,105 +652,33 @@ def test_gpt2_ids_and_round_trip_from_local_ranks():
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_byte_tokenizer_round_trip():
+def test_byte_tokenizer_round_trip():  # test_prepare_data.py covers the dataset files themselves
     tok = prepare_data.get_tokenizer("byte")
     text = "def f(x):\n    return '\u00e9\u6f22'\n"
     assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < tok.eot_token == 256
 
 
-def test_offline_tokenizer_error_says_what_to_do(monkeypatch):
-    import tiktoken
-    def offline(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(prepare_data.DataError, match="--tiktoken_file"):
-        prepare_data.get_tokenizer("gpt2")
-
-
-def split_documents(path, eot):
-    ids = np.fromfile(path, dtype=np.uint16)
-    ends = np.flatnonzero(ids == eot)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    return [bytes(ids[s:e].astype(np.uint8)).decode() for s, e in zip(starts, ends)]
-
-
-def write_corpus(folder, n=40):
-    import gzip
-    folder.mkdir()
-    docs = [f"document {i}: " + "lorem ipsum " * (i % 7) + f"end {i}\n" for i in range(n)]
-    for i, d in enumerate(docs[: n // 2]):
-        (folder / f"{i:03d}.txt").write_text(d)
-    with gzip.open(folder / "rest.jsonl.gz", "wt") as f:
-        for d in docs[n // 2:]:
-            f.write(json.dumps({"text": d}) + "\n")
-    (folder / "empty.txt").write_text("  \n")
-    return docs
-
-
-def test_prepared_dataset_round_trips_and_splits_by_document(tmp_path):
-    docs = write_corpus(tmp_path / "corpus")
-    prepare_data.main([f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d",
-                       "--val_fraction=0.25"])
-    meta = prepare_data.read_meta(tmp_path / "d")
-    train_docs = split_documents(tmp_path / "d" / "train.bin", meta["eot_token"])
-    val_docs = split_documents(tmp_path / "d" / "val.bin", meta["eot_token"])
-    assert sorted(train_docs + val_docs) == sorted(docs)  # every document exactly once, decoded intact
-    assert train_docs and val_docs and not set(train_docs) & set(val_docs)
-    assert meta["empty_documents"] == 1 and meta["train_tokens"] == sum(len(d) + 1 for d in train_docs)
-
-
-def test_prepare_is_deterministic_and_refuses_a_different_dataset(tmp_path):
-    write_corpus(tmp_path / "corpus")
-    args = [f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--val_fraction=0.25"]
-    prepare_data.main([*args, "--name=a"])
-    prepare_data.main([*args, "--name=b"])
-    for name in ("train.bin", "val.bin", "meta.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    prepare_data.main([*args, "--name=a"])  # same recipe: up to date, nothing rewritten
-    with pytest.raises(prepare_data.DataError, match="--overwrite"):
-        prepare_data.main([*args, "--name=a", "--seed=5"])
-
-
-def test_invalid_utf8_is_counted_and_replaced(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "bad.txt").write_bytes(b"ok \xff\xfe then more\n")
-    for i in range(5):
-        (folder / f"good{i}.txt").write_text(f"good {i}\n")
-    prepare_data.main([f"--input={folder}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d",
-                       "--val_fraction=0.5"])
-    meta = prepare_data.read_meta(tmp_path / "d")
-    assert meta["replaced_bytes"] == 2 and meta["train_documents"] + meta["val_documents"] == 6
-
-
-def test_interrupted_prepare_leaves_nothing_train_accepts(tmp_path, monkeypatch):
-    write_corpus(tmp_path / "corpus")
-    calls = []
-    real = prepare_data.ByteTokenizer.encode
-    def failing(self, text):
-        calls.append(1)
-        if len(calls) > 10:
-            raise KeyboardInterrupt
-        return real(self, text)
-    monkeypatch.setattr(prepare_data.ByteTokenizer, "encode", failing)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_data.main([f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", f"--root={tmp_path}", "--name=d"])
-    assert not (tmp_path / "d").exists()
-    for folder in (tmp_path / "d", tmp_path / "d.tmp"):
-        with pytest.raises(train.UsageError, match="meta.json"):
-            train.load_split(str(folder), "train")
-
-
-@pytest.mark.parametrize("args, needle", [(["--input=/no/such/file"], "matches no file"),
-                                          (["--input={empty}"], "empty"),
-                                          (["--tokenizer=gpt3"], "unknown tokenizer")])
-def test_prepare_errors_are_one_line(tmp_path, args, needle):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "blank.txt").write_text("\n")
-    args = [a.format(empty=tmp_path / "empty") for a in args]
-    out = subprocess.run([sys.executable, "prepare_data.py", *args, f"--root={tmp_path}"], cwd=HERE,
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr
+def test_llmc_shards_train_and_read_across_boundaries(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, 60, size=n) for n in (700, 300, 900)]
+    for i, t in enumerate(tokens):
+        prepare_data.write_llmc_shard(tmp_path / f"train_{i:03d}.bin", t)
+    prepare_data.write_llmc_shard(tmp_path / "val_000.bin", tokens[0][:500])
+    shards = train.ShardedTokens(str(tmp_path / "train_*.bin"))
+    whole = np.concatenate(tokens)
+    assert len(shards) == len(whole)
+    for start in (0, 650, 699, 990, 1100):  # inside a shard, and across one and two boundaries
+        assert np.array_equal(shards[start:start + 420], whole[start:start + 420])
+    out = str(tmp_path / "out")
+    assert run_train(f"--train_shards={tmp_path}/train_*.bin", f"--val_shards={tmp_path}/val_*.bin",
+                     f"--out_dir={out}", "--max_iters=2") == 0
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["model_config"]["vocab_size"] == 50304
+    (tmp_path / "bad_000.bin").write_bytes(b"\0" * 2048)
+    capsys.readouterr()
+    assert run_train(f"--train_shards={tmp_path}/bad_*.bin", f"--val_shards={tmp_path}/val_*.bin",
+                     f"--out_dir={out}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad_000.bin" in err[0] and "magic" in err[0]
 
 
 # ------------------------------------------------------------------------------------------------

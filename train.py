@@ -15,6 +15,7 @@ out_dir/config.json. `--init_from=resume` continues exactly where ckpt.pt stoppe
 import ast
 import dataclasses
 import difflib
+import glob
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from model import GPT, GPTConfig, expert_balance_stats, flops_per_token
 from nitp import effective_rank, mean_pairwise_cosine
-from prepare_data import DataError, read_meta
+import prepare_data
 
 
 @dataclass
@@ -40,6 +41,8 @@ class TrainConfig:
     out_dir: str = "out"  # log.jsonl, ckpt.pt and config.json go here
     dataset: str = "stdlib"  # data/<dataset>/ made by prepare_data.py (stdlib = the embedded default corpus)
     data_dir: str = ""  # explicit dataset folder; overrides `dataset` when set
+    train_shards: str = ""  # glob of llm.c / modded-nanogpt .bin shards (GPT-2 ids) to train on instead of a dataset
+    val_shards: str = ""  # glob of such shards for validation (both or neither)
     init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps * world_size
     batch_size: int = 16  # sequences per micro-step per process
@@ -85,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"decay_frac={self.decay_frac} must be in [0, 1]")
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}")
+
+
+LLMC_VOCAB = 50257  # GPT-2's vocabulary, what llm.c's shards hold
 
 
 class UsageError(Exception):
@@ -176,10 +182,51 @@ def parse_args(argv):
 def load_split(data_dir, split):
     """The token ids of one split as a read-only memmap, and the dataset's meta.json."""
     try:
-        meta = read_meta(data_dir)
-    except DataError as e:
+        return prepare_data.load_split(data_dir, split), prepare_data.read_meta(data_dir)
+    except (OSError, ValueError) as e:  # no dataset, or files that do not match their meta.json
         raise UsageError(str(e)) from None
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r"), meta
+
+
+class ShardedTokens:
+    """llm.c / modded-nanogpt shards (256 x int32 header, magic 20240520, then uint16 tokens) seen
+    as one sequence, memory-mapped; a window that crosses a shard boundary is stitched together."""
+
+    def __init__(self, pattern):
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise UsageError(f"no llm.c shard matches {pattern!r}: give a glob such as 'fineweb10B/fineweb_train_*.bin'")
+        try:
+            self.shards = [prepare_data.read_llmc_shard(p) for p in paths]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, window):
+        first = int(np.searchsorted(self.starts, window.start, side="right")) - 1
+        pieces, pos = [], window.start
+        while pos < window.stop:
+            shard = self.shards[first]
+            take = shard[pos - self.starts[first]:window.stop - self.starts[first]]
+            pieces.append(take)
+            pos += len(take)
+            first += 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def load_data(cfg):
+    """(train tokens, val tokens, meta, where): a prepared dataset folder, or llm.c shards by glob."""
+    if cfg.train_shards or cfg.val_shards:
+        if not (cfg.train_shards and cfg.val_shards):
+            raise UsageError("give both --train_shards and --val_shards (globs of llm.c .bin shards)")
+        meta = {"vocab_size": LLMC_VOCAB, "tokenizer": "gpt2"}  # llm.c's shards hold GPT-2 ids
+        return ShardedTokens(cfg.train_shards), ShardedTokens(cfg.val_shards), meta, cfg.train_shards
+    data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
+    train_data, meta = load_split(data_dir, "train")
+    val_data, _ = load_split(data_dir, "val")
+    return train_data, val_data, meta, data_dir
 
 
 def batch_offsets(n_tokens, block_size, batch_size, seed, step, micro):
@@ -451,9 +498,7 @@ def run(argv):
     ptdtype = pick_dtype(cfg.dtype, device, say)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
 
-    data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
-    train_data, meta = load_split(data_dir, "train")
-    val_data, _ = load_split(data_dir, "val")
+    train_data, val_data, meta, data_dir = load_data(cfg)
     mcfg = build_model_config(model_args, meta)
     check_data_fits(train_data, val_data, mcfg.block_size, data_dir)
     accum = derive_accumulation(cfg, mcfg.block_size, world_size)
