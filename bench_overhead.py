@@ -6,7 +6,9 @@ config, next to the analytic FLOPs share (spec, Appendix G). A benchmark, not a 
     python bench_overhead.py --n_layer=12 --n_embd=768 --block_size=1024 --batch_size=8 --device=cuda --compile
 
 Both models are built, then training steps (forward, backward, AdamW) alternate NTP, NITP, NTP,
-... so that both see the same machine load; the overhead is the ratio of median step times.
+... so that both see the same machine load; the overhead is the median over rounds of the paired
+ratio NITP step / NTP step (a pair runs back to back, so slow drifts in machine load cancel), and
+its interquartile range is printed so that the noise is visible next to the result.
 """
 import argparse
 import statistics
@@ -39,7 +41,7 @@ def step_time(model, opt, idx, ctx, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     for name, default in (("n_layer", 4), ("n_embd", 512), ("n_head", 8), ("block_size", 128), ("batch_size", 8),
-                          ("vocab_size", 320), ("warmup", 3), ("rounds", 15)):
+                          ("vocab_size", 320), ("warmup", 3), ("rounds", 40)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true")
@@ -58,11 +60,13 @@ def main():
             if i >= args.warmup:
                 times[name].append(dt)
     ntp, nitp = statistics.median(times["ntp"]), statistics.median(times["nitp"])
+    ratios = [b / a - 1 for a, b in zip(times["ntp"], times["nitp"])]
+    q1, measured, q3 = statistics.quantiles(ratios, n=4)
     flops = flops_per_token(configs["nitp"])
-    measured = nitp / ntp - 1
     print(f"config: {shape}, batch {args.batch_size}, device {device}, compile {args.compile}, {torch.__version__}")
     print(f"median step: NTP {1000 * ntp:.1f} ms, NITP {1000 * nitp:.1f} ms over {args.rounds} alternated rounds")
-    print(f"NITP extra time (measured): {100 * measured:+.2f}%")
+    print(f"NITP extra time (measured, median of paired ratios): {100 * measured:+.2f}% "
+          f"(interquartile range {100 * q1:+.2f}% to {100 * q3:+.2f}%)")
     print(f"NITP extra FLOPs (analytic, 6 x params touched): {100 * flops['nitp_share']:+.2f}%")
     print(f"difference: {100 * (measured - flops['nitp_share']):+.2f} percentage points")
 
