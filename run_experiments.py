@@ -98,7 +98,7 @@ def plot(root, variants, seeds, path):
         print("notice: matplotlib is not installed, so no plot (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
-    for v in variants:
+    for color, v in enumerate(variants):  # one colour per variant in every panel, even where one is absent
         runs = [evaluations(os.path.join(root, f"{v}_s{s}")) for s in seeds]
         for ax, m in zip(axes, METRICS):
             if m not in runs[0][-1]:
@@ -106,9 +106,9 @@ def plot(root, variants, seeds, path):
             iters = [r["iter"] for r in runs[0]]
             per_iter = list(zip(*[[r[m] for r in run] for run in runs]))  # (n_evals, n_seeds)
             mean = [statistics.mean(x) for x in per_iter]
-            line, = ax.plot(iters, mean, label=v)
+            ax.plot(iters, mean, label=v, color=f"C{color}")
             ax.fill_between(iters, [min(x) for x in per_iter], [max(x) for x in per_iter], alpha=0.2,
-                            color=line.get_color())
+                            color=f"C{color}")
     for ax, m in zip(axes, METRICS):
         ax.set_title(m)
         ax.set_xlabel("iteration")
