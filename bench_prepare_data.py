@@ -9,9 +9,12 @@ of the standard library's sources, mixed with slices of real Python code, so BPE
 then for each size:
   - baseline: one process calling enc.encode_ordinary on each document in turn (only the calls are
     timed; reading and JSON parsing are left out, which favours the baseline);
+  - ceiling: the baseline's encode calls shared among --num_proc processes (documents read and
+    parsed before the clock starts), nothing else: how well this machine lets several encoders
+    run side by side at all, the most any parallel tokeniser could reach here;
   - prepare_data.py as a subprocess on the same files (whole wall time: start-up, reading, parsing,
     tokenising, writing); the token counts of the two must agree (prepare adds one eot per document).
-The two alternate --repeats times and the best speed of each is kept, as this machine's speed drifts.
+The three alternate --repeats times and the best speed of each is kept, as this machine's speed drifts.
 The CPU time that other processes took during each measurement is printed too ("other load"), since
 a busy machine makes the parallel run look slower than it is. Peak memory of the prepare run is
 reported two ways: the largest RSS of any single process of the run (parent or worker, from wait4),
@@ -22,6 +25,7 @@ The corpus is deleted at the end unless --keep.
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -146,6 +150,35 @@ def baseline(files: list[Path], tiktoken_file: str) -> dict:
             "other_load": other / (time.perf_counter() - wall)}
 
 
+def _ceiling_worker(files, rank, n, tiktoken_file, barrier, results) -> None:
+    enc = prepare_data.get_tokenizer("gpt2", tiktoken_file).encoding
+    docs = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            docs += [json.loads(line)["text"] for i, line in enumerate(f) if i % n == rank]
+    barrier.wait()  # every process has its documents in memory: encoding starts together
+    tokens = sum(len(enc.encode_ordinary(d)) for d in docs)
+    results.put((tokens, time.perf_counter()))
+
+
+def parallel_ceiling(files: list[Path], tiktoken_file: str, processes: int) -> dict:
+    """The baseline's encode calls shared among `processes` processes (every n-th document each,
+    read and parsed before the clock starts), nothing else: how far this machine lets several
+    encoders run side by side, the most any parallel tokeniser could reach."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+    workers = [ctx.Process(target=_ceiling_worker, args=(files, r, processes, tiktoken_file, barrier, results))
+               for r in range(processes)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of one machine
+    done = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return {"tokens": sum(t for t, _ in done), "seconds": max(end for _, end in done) - start}
+
+
 def tree_pss_kb(pid: int) -> int:
     """Proportional set size of pid and all its descendants, in kB (0 for processes already gone)."""
     total = 0
@@ -194,12 +227,14 @@ def run_prepare(files: list[Path], out_dir: Path, num_proc: int, tiktoken_file: 
 def measure(files, size_mb, args, workdir) -> dict:
     """Baseline and prepare, alternated args.repeats times; the best speed of each, the worst memory."""
     chosen = files_for(files, size_mb)
-    bases, preps = [], []
+    bases, preps, ceilings = [], [], []
     for _ in range(args.repeats):
         bases.append(baseline(chosen, args.tiktoken_file))
+        ceilings.append(parallel_ceiling(chosen, args.tiktoken_file, args.num_proc))
         preps.append(run_prepare(chosen, workdir / "out", args.num_proc, args.tiktoken_file))
     base = min(bases, key=lambda b: b["seconds"])
     prep = min(preps, key=lambda p: p["seconds"])
+    ceiling = min(ceilings, key=lambda c: c["seconds"])
     meta = prep["meta"]
     documents = meta["train_documents"] + meta["val_documents"]
     if meta["train_tokens"] + meta["val_tokens"] - documents != base["tokens"]:
@@ -207,7 +242,7 @@ def measure(files, size_mb, args, workdir) -> dict:
                  f"vs baseline {base['tokens']}")
     return {"input_mb": sum(p.stat().st_size for p in chosen) / 1e6, "documents": documents,
             "tokens": base["tokens"], "base_tps": base["tokens"] / base["seconds"],
-            "prep_tps": base["tokens"] / prep["seconds"], "prep_seconds": prep["seconds"],
+            "prep_tps": base["tokens"] / prep["seconds"], "ceiling_tps": ceiling["tokens"] / ceiling["seconds"], "prep_seconds": prep["seconds"],
             "max_rss_mb": max(p["max_rss_mb"] for p in preps), "pss_mb": max(p["pss_mb"] for p in preps),
             "other_load": max(r["other_load"] for r in bases + preps)}
 
@@ -219,12 +254,15 @@ def print_report(rows: list[dict], args) -> None:
     print(f"prepare_data.py --tokenizer=gpt2 --num_proc={args.num_proc} against a 1-process encode_ordinary "
           f"loop; best of {args.repeats} alternated runs each; memory: the worst run")
     header = (f"{'corpus':>9} {'documents':>10} {'tokens':>12} {'baseline tok/s':>15} {'prepare tok/s':>14} "
-              f"{'speedup':>8} {'prepare s':>10} {'max RSS/proc':>13} {'peak PSS sum':>13} {'other load':>11}")
+              f"{'speedup':>8} {'ceiling':>8} {'prepare s':>10} {'max RSS/proc':>13} {'peak PSS sum':>13} {'other load':>11}")
     print(header)
     for r in rows:
         print(f"{r['input_mb']:>6.0f} MB {r['documents']:>10,} {r['tokens']:>12,} {r['base_tps']:>15,.0f} "
-              f"{r['prep_tps']:>14,.0f} {r['prep_tps'] / r['base_tps']:>7.2f}x {r['prep_seconds']:>10.1f} "
+              f"{r['prep_tps']:>14,.0f} {r['prep_tps'] / r['base_tps']:>7.2f}x "
+              f"{r['ceiling_tps'] / r['base_tps']:>7.2f}x {r['prep_seconds']:>10.1f} "
               f"{r['max_rss_mb']:>10.0f} MB {r['pss_mb']:>10.0f} MB {r['other_load']:>7.2f} CPU")
+    print(f"ceiling: {args.num_proc} processes running only the encode calls, against the same baseline (the most "
+          f"{args.num_proc} encoders scale on this machine)")
     print("other load: CPUs busy with other processes during the measurement (should be ~0 for a fair run)")
 
 
