@@ -639,8 +639,7 @@ def test_ddp_resume_is_exact(data_dir, ddp_run, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # prepare_data.py
 
-GPT2_FILE = HERE.parent / "shared" / "tokenizers" / "gpt2.tiktoken"
-needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.exists(), reason="the shared gpt2.tiktoken file is not here")
+from test_prepare_data import GPT2_FILE, needs_gpt2  # noqa: E402  (where the GPT-2 ranks are found)
 
 
 @needs_gpt2

@@ -2,8 +2,10 @@
 
 Run: python -m pytest -q test_prepare_data.py
 
-The GPT-2 tests build the tokenizer offline from ../shared/tokenizers/gpt2.tiktoken and are skipped
-when that file is absent; everything else needs no file and no network.
+The GPT-2 tests build the tokenizer offline from a local copy of the GPT-2 ranks (a .tiktoken file,
+never committed): $NITP_GPT2_TIKTOKEN if set, else ../shared/tokenizers/gpt2.tiktoken. They are
+skipped, saying how to point them at the file, when it is absent; everything else needs no file
+and no network.
 """
 
 import gzip
@@ -22,8 +24,9 @@ import prepare_data as pd
 from prepare_data import PrepareConfig, PrepareError, prepare
 
 REPO = Path(__file__).resolve().parent
-GPT2_FILE = REPO.parent / "shared/tokenizers/gpt2.tiktoken"
-needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.is_file(), reason=f"{GPT2_FILE} not present")
+GPT2_FILE = Path(os.environ.get("NITP_GPT2_TIKTOKEN", REPO.parent / "shared/tokenizers/gpt2.tiktoken"))
+needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.is_file(), reason=f"no GPT-2 ranks at {GPT2_FILE}; set "
+                                "NITP_GPT2_TIKTOKEN=/path/to/gpt2.tiktoken to run the GPT-2 tests")
 
 
 def write_docs(folder: Path, texts, suffix=".txt") -> list[Path]:
