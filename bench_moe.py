@@ -6,9 +6,12 @@ and the grouped-matmul dispatch against the per-expert loop, measured side by si
     python bench_moe.py --tokens=8192 --reps=9
 
 The dense layer's hidden width is (K + shared) * expert width, so both do the same matmul FLOPs per
-token; what the MoE adds is routing, sorting, gathering and smaller matmuls. Variants are timed in
-turn within each repetition, in rotating order (so drifting machine load hits them alike), after a
-warm-up, and the median is reported.
+token; what the MoE adds is routing, sorting, gathering and smaller matmuls. "loop" is the same
+layer with the grouped matmul replaced by model.py's per-expert fallback (same sorted layout);
+"masked" is the naive MoE many simple implementations write (a mask per expert, gather, run,
+scatter back; checked equal to the layer first), to show what sorting and grouping buy over it.
+Variants are timed in turn within each repetition, in rotating order (so drifting machine load
+hits them alike), after a warm-up, and the median is reported.
 """
 import argparse
 import os
@@ -17,18 +20,46 @@ import time
 
 import torch
 
+import torch.nn.functional as F
+
 import model
-from model import MoE, GPTConfig, SwiGLU
+from model import MoE, GPTConfig, SwiGLU, load_balance_loss
 
 
 def fwd_bwd(layer, x, grad):
     """One training step's work for the layer: forward, backward into the input and the weights."""
-    if isinstance(layer, MoE):
+    if callable(layer) and not isinstance(layer, torch.nn.Module):  # the masked-loop MoE
+        y, (aux, _) = layer(x)
+        loss = (y * grad).sum() + aux
+    elif isinstance(layer, MoE):
         y, (aux, _) = layer(x)
         loss = (y * grad).sum() + aux
     else:
         loss = (layer(x) * grad).sum()
     loss.backward()
+
+
+def masked_loop_moe(moe, x):
+    """The common naive MoE (as many simple implementations write it): for each expert, find its
+    tokens with a mask, gather them, run the expert, scatter back. Same weights and routing as
+    `moe`; no sorting, no grouped matmul. Only for the benchmark's extra column."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (T, D)
+    scores, weights, experts = moe.route(x)
+    counts = torch.zeros(moe.n_experts, dtype=torch.int64).scatter_add_(
+        0, experts.reshape(-1), torch.ones_like(experts.reshape(-1)))
+    y = torch.zeros_like(x)
+    w = moe.experts
+    for e in range(moe.n_experts):
+        token, slot = (experts == e).nonzero(as_tuple=True)  # the tokens that chose e, and in which slot
+        if token.numel() == 0:
+            continue
+        xe = x[token]
+        out = (F.silu(xe @ w.c_gate[e]) * (xe @ w.c_up[e])) @ w.c_proj[e]
+        y = y.index_add(0, token, out * weights[token, slot].unsqueeze(-1))
+    if moe.shared is not None:
+        y = y + moe.shared(x)
+    return y.view(shape), (load_balance_loss(scores, counts, moe.top_k), counts)
 
 
 def timed(fn, grouped):
@@ -39,7 +70,7 @@ def timed(fn, grouped):
 
 
 def bench_point(n_experts, top_k, args):
-    """Median seconds per step of: dense, MoE grouped, MoE loop."""
+    """Median seconds per step of: dense, MoE grouped, MoE loop, the masked-loop MoE."""
     cfg = GPTConfig(n_embd=args.width, n_head=4, n_experts=n_experts, moe_top_k=top_k,
                     n_shared_experts=args.shared, expert_hidden=args.expert_hidden)
     torch.manual_seed(0)
@@ -47,13 +78,18 @@ def bench_point(n_experts, top_k, args):
     dense = SwiGLU(args.width, (top_k + args.shared) * args.expert_hidden)
     x = torch.randn(1, args.tokens, args.width, requires_grad=True)  # (B, T, D)
     grad = torch.randn(1, args.tokens, args.width)
+    naive = lambda inp: masked_loop_moe(moe, inp)  # noqa: E731
+    with torch.no_grad():  # the extra column must compute the same layer
+        torch.testing.assert_close(naive(x)[0], moe(x)[0], rtol=1e-4, atol=1e-5)
     variants = {"dense": (lambda: fwd_bwd(dense, x, grad), True),
                 "grouped": (lambda: fwd_bwd(moe, x, grad), True),
-                "loop": (lambda: fwd_bwd(moe, x, grad), False)}
+                "loop": (lambda: fwd_bwd(moe, x, grad), False),
+                "masked": (lambda: fwd_bwd(naive, x, grad), True)}
     times = {name: [] for name in variants}
     names = list(variants)
     for rep in range(args.warmup + args.reps):
-        for name in names[rep % 3:] + names[:rep % 3]:  # one of each per repetition, in rotating order
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:  # one of each per repetition, in rotating order
             t = timed(*variants[name])
             if rep >= args.warmup:
                 times[name].append(t)
@@ -79,12 +115,13 @@ def main():
           f"T={args.tokens} D={args.width} H={args.expert_hidden} shared={args.shared}, "
           f"fp32 forward+backward, median of {args.reps}")
     print(f"{'E':>4} {'K':>3} {'dense ms':>9} {'MoE grouped ms':>15} {'MoE loop ms':>12} "
-          f"{'grouped/dense':>14} {'loop/grouped':>13}")
+          f"{'grouped/dense':>14} {'loop/grouped':>13} {'masked ms':>10} {'masked/grouped':>15}")
     for point in args.points.split(","):
         n_experts, top_k = map(int, point.split("x"))
         t = bench_point(n_experts, top_k, args)
         print(f"{n_experts:>4} {top_k:>3} {1e3 * t['dense']:>9.1f} {1e3 * t['grouped']:>15.1f} "
-              f"{1e3 * t['loop']:>12.1f} {t['grouped'] / t['dense']:>14.2f} {t['loop'] / t['grouped']:>13.2f}")
+              f"{1e3 * t['loop']:>12.1f} {t['grouped'] / t['dense']:>14.2f} {t['loop'] / t['grouped']:>13.2f} "
+              f"{1e3 * t['masked']:>10.1f} {t['masked'] / t['grouped']:>15.2f}")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
