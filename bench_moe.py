@@ -19,23 +19,19 @@ import statistics
 import time
 
 import torch
-
 import torch.nn.functional as F
 
 import model
-from model import MoE, GPTConfig, SwiGLU, load_balance_loss
+from model import MoE, GPTConfig, SwiGLU, expert_counts, load_balance_loss
 
 
 def fwd_bwd(layer, x, grad):
     """One training step's work for the layer: forward, backward into the input and the weights."""
-    if callable(layer) and not isinstance(layer, torch.nn.Module):  # the masked-loop MoE
-        y, (aux, _) = layer(x)
-        loss = (y * grad).sum() + aux
-    elif isinstance(layer, MoE):
-        y, (aux, _) = layer(x)
-        loss = (y * grad).sum() + aux
-    else:
+    if isinstance(layer, SwiGLU):
         loss = (layer(x) * grad).sum()
+    else:  # an MoE layer, or the masked-loop MoE: (output, (balance loss, counts))
+        y, (aux, _) = layer(x)
+        loss = (y * grad).sum() + aux
     loss.backward()
 
 
@@ -46,8 +42,7 @@ def masked_loop_moe(moe, x):
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # (T, D)
     scores, weights, experts = moe.route(x)
-    counts = torch.zeros(moe.n_experts, dtype=torch.int64).scatter_add_(
-        0, experts.reshape(-1), torch.ones_like(experts.reshape(-1)))
+    counts = expert_counts(experts, moe.n_experts)
     y = torch.zeros_like(x)
     w = moe.experts
     for e in range(moe.n_experts):

@@ -14,7 +14,8 @@ then for each size:
     run side by side at all, the most any parallel tokeniser could reach here;
   - prepare_data.py as a subprocess on the same files (whole wall time: start-up, reading, parsing,
     tokenising, writing); the token counts of the two must agree (prepare adds one eot per document).
-The three alternate --repeats times and the best speed of each is kept, as this machine's speed drifts.
+The three alternate --repeats times and the best speed of each is kept, as this machine's speed
+drifts.
 The CPU time that other processes took during each measurement is printed too ("other load"), since
 a busy machine makes the parallel run look slower than it is. Peak memory of the prepare run is
 reported two ways: the largest RSS of any single process of the run (parent or worker, from wait4),
@@ -242,7 +243,8 @@ def measure(files, size_mb, args, workdir) -> dict:
                  f"vs baseline {base['tokens']}")
     return {"input_mb": sum(p.stat().st_size for p in chosen) / 1e6, "documents": documents,
             "tokens": base["tokens"], "base_tps": base["tokens"] / base["seconds"],
-            "prep_tps": base["tokens"] / prep["seconds"], "ceiling_tps": ceiling["tokens"] / ceiling["seconds"], "prep_seconds": prep["seconds"],
+            "prep_tps": base["tokens"] / prep["seconds"], "prep_seconds": prep["seconds"],
+            "ceiling_tps": ceiling["tokens"] / ceiling["seconds"],
             "max_rss_mb": max(p["max_rss_mb"] for p in preps), "pss_mb": max(p["pss_mb"] for p in preps),
             "other_load": max(r["other_load"] for r in bases + preps)}
 
@@ -254,7 +256,8 @@ def print_report(rows: list[dict], args) -> None:
     print(f"prepare_data.py --tokenizer=gpt2 --num_proc={args.num_proc} against a 1-process encode_ordinary "
           f"loop; best of {args.repeats} alternated runs each; memory: the worst run")
     header = (f"{'corpus':>9} {'documents':>10} {'tokens':>12} {'baseline tok/s':>15} {'prepare tok/s':>14} "
-              f"{'speedup':>8} {'ceiling':>8} {'prepare s':>10} {'max RSS/proc':>13} {'peak PSS sum':>13} {'other load':>11}")
+              f"{'speedup':>8} {'ceiling':>8} {'prepare s':>10} {'max RSS/proc':>13} {'peak PSS sum':>13} "
+              f"{'other load':>11}")
     print(header)
     for r in rows:
         print(f"{r['input_mb']:>6.0f} MB {r['documents']:>10,} {r['tokens']:>12,} {r['base_tps']:>15,.0f} "
