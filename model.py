@@ -7,11 +7,16 @@ biases. Module names follow nanoGPT / Hugging Face (transformer.wte, transformer
 transformer.ln_f, lm_head) plus `nitp_head`, the training-only projection head.
 
     logits, losses = model(idx, targets)   # one forward pass
-    losses = {"total": back-propagated, "ntp": cross-entropy, "nitp": implicit-token loss}
+    losses = {"total": back-propagated, "ntp": cross-entropy, "nitp": implicit-token loss (unweighted),
+              "moe_aux": balance loss and "expert_counts": tokens per expert (MoE models only)}
 
-Import it; the scripts are train.py (training) and sample.py (generation and head-free export).
+Reading order: the config, the blocks, GPT (its forward holds the NITP lines), FLOPs, checkpoint
+files, and last the mixture-of-experts machinery (routing, then the grouped-matmul custom ops).
+Import it; the scripts are train.py (training) and sample.py (generation and export).
 """
 import math
+import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +49,7 @@ class GPTConfig:
     moe_aux_weight: float = 0.01  # alpha, weight of the balance loss (mean over MoE layers); paper: not given (DeepSeek-V2: 0.003/layer, summed)
     moe_renorm: bool = False  # rescale each token's K routing weights to sum to 1 (DeepSeek-V2: no, raw softmax scores)
     # --- NITP (spec, "Defaults") ---
-    nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth (paper: 4 of 17)
+    nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = round(0.2 * n_layer) (paper: ~20%, e.g. 4 of 17, 3 of 16)
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
     nitp_loss: str = "cosine"  # "cosine" (paper); ablations: "mse" (diverged), "smooth_l1" (less stable), "generic_cosine" (baseline regulariser: no target, no head)
     # --- the paper's ablation switches; the defaults are the method ---
@@ -59,6 +64,11 @@ class GPTConfig:
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.nitp_layer == -1:
             self.nitp_layer = max(1, round(0.2 * self.n_layer)) if self.n_layer > 1 else 0
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be a finite number")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be > 0")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -110,6 +120,12 @@ class GPTConfig:
     @property
     def nitp(self):
         return self.nitp_weight > 0
+
+    @property
+    def aux_name(self):
+        """The loss-dict key of the auxiliary term: "nitp", or "generic_cos" for the baseline
+        regulariser, which predicts nothing and so is not an implicit-token loss."""
+        return "generic_cos" if self.nitp_loss == "generic_cosine" else "nitp"
 
     @property
     def has_nitp_head(self):
@@ -176,182 +192,6 @@ class SwiGLU(nn.Module):
         return self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k routing).
-# Shape legend: T tokens (batch and sequence flattened), E routed experts, K experts per token,
-# D model width, H expert hidden width, N = T*K token-expert pairs, I/O a matmul's in/out width.
-
-GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (tests, bench_moe.py)
-
-
-def _grouped_mm_fits(a, b):
-    """torch._grouped_mm's eager kernels (CPU, and CUDA through its fallback) take fp32, bf16 and
-    fp16 alike, but need every row stride to be a multiple of 16 bytes."""
-    return GROUPED_MM and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1)))
-
-
-def _spans(offs):
-    """Row ranges [start, end) of each expert's group from the cumulative counts offs (E,)."""
-    ends = offs.tolist()
-    return zip([0] + ends[:-1], ends)
-
-
-# The expert matmuls are custom ops so that torch.compile keeps one graph: _grouped_mm's meta kernel
-# accepts only bf16 (it mirrors the CUDA fast path) and the loop needs the offsets on the host.
-@torch.library.custom_op("nitp::expert_mm", mutates_args=())
-def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert times their expert's matrix: (N, I) @ w[e] (E, I, O) -> (N, O),
-    rows offs[e-1]:offs[e] (int32, offs[-1] = N) belonging to expert e."""
-    if _grouped_mm_fits(x, w):
-        return torch._grouped_mm(x, w, offs=offs)
-    out = x.new_empty(x.size(0), w.size(-1))  # (N, O)
-    for e, (start, end) in enumerate(_spans(offs)):  # a loop over experts, never over tokens
-        torch.mm(x[start:end], w[e], out=out[start:end])
-    return out
-
-
-@torch.library.custom_op("nitp::expert_mm_wgrad", mutates_args=())
-def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Weight gradient of expert_mm: x[rows of e]^T @ grad[rows of e], (N, I), (N, O) -> (E, I, O).
-    An expert without rows gets an exact zero, so DDP needs no find_unused_parameters."""
-    if _grouped_mm_fits(x, grad):
-        return torch._grouped_mm(x.t(), grad, offs=offs)
-    return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
-
-
-@expert_mm.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.size(0), w.size(-1))
-
-
-@expert_mm_wgrad.register_fake
-def _(x, grad, offs):
-    return x.new_empty(offs.size(0), x.size(1), grad.size(1))
-
-
-def _expert_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _expert_mm_backward(ctx, grad):
-    x, w, offs = ctx.saved_tensors
-    grad = grad.contiguous()  # the kernels reject broadcast (stride 0) gradients
-    # The transposed view, made contiguous: _grouped_mm runs ~2x slower on the strided one on CPU.
-    grad_x = expert_mm(grad, w.transpose(1, 2).contiguous(), offs) if ctx.needs_input_grad[0] else None
-    grad_w = expert_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
-
-
-expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
-
-
-def expert_counts(experts, n_experts):
-    """Tokens routed to each expert, (T, K) ids -> (E,) int64. scatter_add_, unlike bincount, has an
-    output size that does not depend on the data, so torch.compile keeps one graph."""
-    flat = experts.reshape(-1)  # (N,)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def load_balance_loss(scores, counts, top_k):
-    """DeepSeek-V2's expert-level balance loss without its weight: sum_i f_i P_i, where
-    f_i = E / (K T) * (tokens routed to i) and P_i = mean over tokens of the softmax score of i.
-    1 at perfect balance; at most E / K, reached when K experts take every token and all the score.
-    scores: (T, E) fp32; counts: (E,). Gradient reaches the router through P only (f is counted)."""
-    T, E = scores.shape
-    f = counts.to(scores.dtype) * (E / (top_k * T))  # (E,)
-    return (f * scores.mean(dim=0)).sum()
-
-
-def expert_balance_stats(counts):
-    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the
-    worst layer's max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert)
-    pairs got no token in this batch."""
-    c = counts.detach().double().reshape(-1, counts.size(-1))  # (L, E)
-    imbalance = (c.max(dim=1).values / c.mean(dim=1)).max().item()
-    return dict(imbalance=imbalance, idle=int((c == 0).sum().item()))
-
-
-def _matmul_dtype(x):
-    """The dtype matmuls run in here: autocast's if it is on (custom ops are not autocast)."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights, one parameter per projection with a leading expert dim,
-    applied to token rows already sorted by expert with grouped matmuls (no list of modules)."""
-
-    def __init__(self, n_experts, n_embd, hidden):
-        super().__init__()
-        self.c_gate = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
-        self.c_up = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
-        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, D), residual output
-        for w in self.parameters():  # GPT scales c_proj down for depth afterwards, as for the dense MLP
-            nn.init.normal_(w, mean=0.0, std=0.02)
-
-    def forward(self, x, offs, scale):
-        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert; scale: (N,) the
-        routing weight of each row -> (N, D) expert outputs times their routing weights."""
-        dtype = _matmul_dtype(x)
-        x = x.to(dtype)
-        # The weight scales the hidden state (H wide) rather than the output (D wide): the same
-        # product, as the down projection is linear, over fewer numbers.
-        up = expert_mm(x, self.c_up.to(dtype), offs) * scale.to(dtype).unsqueeze(-1)  # (N, H)
-        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * up  # (N, H)
-        return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
-
-
-class MoE(nn.Module):
-    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
-    token reaches all K of its experts (no capacity factor, no dropped tokens).
-
-    forward(x (B, T_seq, D)) -> (y (B, T_seq, D), (balance loss (), expert token counts (E,)))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_experts, self.top_k, self.renorm = config.n_experts, config.moe_top_k, config.moe_renorm
-        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)  # weight (E, D)
-        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden)
-        # Shared experts see every token, so they are one dense SwiGLU as wide as all of them together.
-        n_shared = config.n_shared_experts * config.expert_hidden
-        self.shared = SwiGLU(config.n_embd, n_shared) if n_shared else None
-
-    def route(self, x):
-        """(T, D) -> softmax scores (T, E), routing weights (T, K), chosen experts (T, K)."""
-        # fp32 even under bf16 autocast: rounding the logits would flip near-tied top-k choices.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
-        scores = logits.softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)  # (T, K) each
-        if self.renorm:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return scores, weights, experts
-
-    def dispatch(self, x, weights, experts, counts):
-        """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
-        T, K = experts.shape
-        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
-        token = order // K  # (N,) the token of each sorted pair
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
-        # rows (and their backward the other one), about half the time of advanced indexing on CPU.
-        x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
-        out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
-        y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
-        return y.index_add_(0, token, out)
-
-    def forward(self, x):
-        shape = x.shape  # (B, T_seq, D)
-        x = x.reshape(-1, shape[-1])  # (T, D): batch and sequence flattened, T = B * T_seq tokens
-        scores, weights, experts = self.route(x)
-        counts = expert_counts(experts, self.n_experts)  # (E,)
-        y = self.dispatch(x, weights, experts, counts)  # (T, D)
-        if self.shared is not None:
-            y = y + self.shared(x)
-        return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
-
-
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -375,6 +215,7 @@ class Block(nn.Module):
         else:
             y = self.mlp(self.ln_2(x))
         return x + F.dropout(y, p=self.dropout, training=self.training)
+
 
 
 class GPT(nn.Module):
@@ -434,7 +275,8 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
         nitp_weight: optional tensor overriding config.nitp_weight (a schedule such as a late start
         changes its value without recompiling). Returns logits (B, T, V) and the loss dict (None
-        without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on."""
+        without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on
+        (generic_cos instead for that baseline)."""
         z, h, routing = self.trunk(idx)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
@@ -442,9 +284,10 @@ class GPT(nn.Module):
         ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         losses = {"ntp": ntp, "total": ntp}
         if self.config.nitp:
-            losses["nitp"] = self.nitp_term(h, z)
+            aux = self.nitp_term(h, z)
+            losses[self.config.aux_name] = aux
             weight = self.config.nitp_weight if nitp_weight is None else nitp_weight
-            losses["total"] = ntp + weight * losses["nitp"]
+            losses["total"] = ntp + weight * aux
         if routing:
             self._add_moe_losses(losses, routing)
         return logits, losses
@@ -476,18 +319,18 @@ class GPT(nn.Module):
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         decay = [p for p in params.values() if p.dim() >= 2]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        assert len(decay) + len(no_decay) == len(params), "optimizer groups must cover every parameter"
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_tokens=None):
         """Extend idx (B, T) by max_new_tokens sampled tokens; the context is cropped to block_size.
-        temperature=0 picks the most likely token (greedy)."""
+        temperature=0 picks the most likely token (greedy). n_tokens: the tokenizer's vocabulary;
+        ids at or above it (the padding of vocab_size to a multiple of 64) are never produced."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :n_tokens].float()  # (B, V) or (B, n_tokens)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -514,3 +357,226 @@ def flops_per_token(config):
     ntp = 6 * (layers + config.vocab_size * d)
     nitp = 72 * d * d + 18 * d if config.has_nitp_head else 0
     return {"ntp": ntp, "nitp": nitp, "total": ntp + nitp, "nitp_share": nitp / ntp}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file, tensors and plain Python values only, so that loading runs no code.
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message says which file and what to do."""
+
+
+def save_checkpoint(path, state):
+    """Write `state` to a temporary file, then atomically rename it over `path`: a kill at any
+    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, required=("model", "model_config")):
+    """The checkpoint dict at `path`, loaded with weights_only=True: a file that holds anything but
+    tensors and plain values (a crafted pickle could run code on load) is refused, not executed."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                                  f"values, which could run code when loaded; only load checkpoints you trust "
+                                  f"were written by this project") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (damaged: {str(e).splitlines()[0]}); restore it or "
+                              f"train again") from None
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"it is damaged or not a nitp checkpoint; restore it or train again") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a nitp checkpoint (missing {', '.join(missing)}); "
+                              f"point to the ckpt.pt that train.py wrote")
+    return ckpt
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k routing).
+# Shape legend: T tokens (batch and sequence flattened), E routed experts, K experts per token,
+# D model width, H expert hidden width, N = T*K token-expert pairs, I/O a matmul's in/out width.
+
+class MoE(nn.Module):
+    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
+    token reaches all K of its experts (no capacity factor, no dropped tokens).
+
+    forward(x (B, T_seq, D)) -> (y (B, T_seq, D), (balance loss (), expert token counts (E,)))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k, self.renorm = config.n_experts, config.moe_top_k, config.moe_renorm
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)  # weight (E, D)
+        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden)
+        # Shared experts see every token, so they are one dense SwiGLU as wide as all of them together.
+        n_shared = config.n_shared_experts * config.expert_hidden
+        self.shared = SwiGLU(config.n_embd, n_shared) if n_shared else None
+
+    def route(self, x):
+        """(T, D) -> softmax scores (T, E), routing weights (T, K), chosen experts (T, K)."""
+        # fp32 even under bf16 autocast: rounding the logits would flip near-tied top-k choices.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
+        scores = logits.softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)  # (T, K) each
+        if self.renorm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, weights, experts
+
+    def dispatch(self, x, weights, experts, counts):
+        """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
+        T, K = experts.shape
+        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
+        token = order // K  # (N,) the token of each sorted pair
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
+        # rows (and their backward the other one), about half the time of advanced indexing on CPU.
+        x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
+        out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
+        y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
+        return y.index_add_(0, token, out)
+
+    def forward(self, x):
+        shape = x.shape  # (B, T_seq, D)
+        x = x.reshape(-1, shape[-1])  # (T, D): batch and sequence flattened, T = B * T_seq tokens
+        scores, weights, experts = self.route(x)
+        counts = expert_counts(experts, self.n_experts)  # (E,)
+        y = self.dispatch(x, weights, experts, counts)  # (T, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
+
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights, one parameter per projection with a leading expert dim,
+    applied to token rows already sorted by expert with grouped matmuls (no list of modules)."""
+
+    def __init__(self, n_experts, n_embd, hidden):
+        super().__init__()
+        self.c_gate = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_up = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, D, H)
+        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, D), residual output
+        for w in self.parameters():  # GPT scales c_proj down for depth afterwards, as for the dense MLP
+            nn.init.normal_(w, mean=0.0, std=0.02)
+
+    def forward(self, x, offs, scale):
+        """x: (N, D) rows sorted by expert; offs: (E,) int32 end row of each expert; scale: (N,) the
+        routing weight of each row -> (N, D) expert outputs times their routing weights."""
+        dtype = _matmul_dtype(x)
+        x = x.to(dtype)
+        # The weight scales the hidden state (H wide) rather than the output (D wide): the same
+        # product, as the down projection is linear, over fewer numbers.
+        up = expert_mm(x, self.c_up.to(dtype), offs) * scale.to(dtype).unsqueeze(-1)  # (N, H)
+        h = F.silu(expert_mm(x, self.c_gate.to(dtype), offs)) * up  # (N, H)
+        return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
+
+
+
+def expert_counts(experts, n_experts):
+    """Tokens routed to each expert, (T, K) ids -> (E,) int64. scatter_add_, unlike bincount, has an
+    output size that does not depend on the data, so torch.compile keeps one graph."""
+    flat = experts.reshape(-1)  # (N,)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(scores, counts, top_k):
+    """DeepSeek-V2's expert-level balance loss without its weight: sum_i f_i P_i, where
+    f_i = E / (K T) * (tokens routed to i) and P_i = mean over tokens of the softmax score of i.
+    1 at perfect balance; at most E / K, reached when K experts take every token and all the score.
+    scores: (T, E) fp32; counts: (E,). Gradient reaches the router through P only (f is counted)."""
+    T, E = scores.shape
+    f = counts.to(scores.dtype) * (E / (top_k * T))  # (E,)
+    return (f * scores.mean(dim=0)).sum()
+
+
+def expert_balance_stats(counts):
+    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the
+    worst layer's max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert)
+    pairs got no token in this batch."""
+    c = counts.detach().double().reshape(-1, counts.size(-1))  # (L, E)
+    imbalance = (c.max(dim=1).values / c.mean(dim=1)).max().item()
+    return dict(imbalance=imbalance, idle=int((c == 0).sum().item()))
+
+
+def _matmul_dtype(x):
+    """The dtype matmuls run in here: autocast's if it is on (custom ops are not autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+
+GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (tests, bench_moe.py)
+
+
+def _grouped_mm_fits(a, b):
+    """torch._grouped_mm's eager kernels (CPU, and CUDA through its fallback) take fp32, bf16 and
+    fp16 alike (no float64: that takes the loop), but need every row stride to be a multiple of 16 bytes."""
+    return (GROUPED_MM and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1))))
+
+
+def _spans(offs):
+    """Row ranges [start, end) of each expert's group from the cumulative counts offs (E,)."""
+    ends = offs.tolist()
+    return zip([0] + ends[:-1], ends)
+
+
+# The expert matmuls are custom ops so that torch.compile keeps one graph: _grouped_mm's meta kernel
+# accepts only bf16 (it mirrors the CUDA fast path) and the loop needs the offsets on the host.
+@torch.library.custom_op("nitp::expert_mm", mutates_args=())
+def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert times their expert's matrix: (N, I) @ w[e] (E, I, O) -> (N, O),
+    rows offs[e-1]:offs[e] (int32, offs[-1] = N) belonging to expert e."""
+    if _grouped_mm_fits(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.size(0), w.size(-1))  # (N, O)
+    for e, (start, end) in enumerate(_spans(offs)):  # a loop over experts, never over tokens
+        torch.mm(x[start:end], w[e], out=out[start:end])
+    return out
+
+
+@torch.library.custom_op("nitp::expert_mm_wgrad", mutates_args=())
+def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Weight gradient of expert_mm: x[rows of e]^T @ grad[rows of e], (N, I), (N, O) -> (E, I, O).
+    An expert without rows gets an exact zero, so DDP needs no find_unused_parameters."""
+    if _grouped_mm_fits(x, grad):
+        return torch._grouped_mm(x.t(), grad, offs=offs)
+    return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
+
+
+@expert_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.size(0), w.size(-1))
+
+
+@expert_mm_wgrad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.size(0), x.size(1), grad.size(1))
+
+
+def _expert_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernels reject broadcast (stride 0) gradients
+    # The transposed view, made contiguous: _grouped_mm runs ~2x slower on the strided one on CPU.
+    grad_x = expert_mm(grad, w.transpose(1, 2).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    grad_w = expert_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)

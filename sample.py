@@ -1,8 +1,9 @@
 """
-Generate text from a training checkpoint, or export its inference weights without the NITP head.
+Generate text from a training checkpoint, or export its weights without the NITP head.
 
     python sample.py --out_dir=out --start="def main(" --num_samples=2 --max_new_tokens=300
-    python sample.py --out_dir=out --export=out/inference.pt
+    python sample.py --out_dir=out --export=out/inference.pt      # head-free weights for GPT
+    python sample.py --out_dir=out --export_hf=out/hf             # Hugging Face Llama format
 
 NITP costs nothing at inference (spec): the projection head is dropped. The exported file holds
 {"model": state dict without nitp_head.*, "model_config": the config with nitp_weight=0}, which
@@ -10,21 +11,49 @@ loads into a plain GPT and gives the same logits as the trained model.
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
 import torch
 
-from model import GPT, GPTConfig
-from train import UsageError, load_checkpoint, save_checkpoint
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, instead of a usage block
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_args(args):
+    """Every numeric option in range and the device present, before any work; -> a problem or None."""
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.seed < 0:
+        return "--num_samples and --max_new_tokens must be >= 1 and --seed >= 0"
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature={args.temperature} must be a finite number >= 0 (0 = greedy)"
+    if args.top_k < 1:
+        return f"--top_k={args.top_k} must be >= 1 (the number of most likely tokens to sample from)"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device={args.device} but this machine has no CUDA GPU: use --device=cpu"
+    if args.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        return f"--device={args.device!r} must be cpu, cuda, cuda:N or mps"
+    for path in (args.export, args.export_hf):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            return f"cannot write {path}: the folder {folder} does not exist; create it or pick another path"
+    return None
 
 
 def load_model(ckpt_path, device="cpu"):
-    """The trained model (with its head, if it had one) and the checkpoint's training config."""
+    """The trained model (with its head, if it had one) and the checkpoint dict."""
+    if not os.path.exists(ckpt_path):
+        raise CheckpointError(f"no checkpoint at {ckpt_path}: train one first with `python train.py "
+                              f"--out_dir={os.path.dirname(ckpt_path) or '.'}`, or pass the right --out_dir")
     ckpt = load_checkpoint(ckpt_path)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["train_config"]
+    return model.to(device).eval(), ckpt
 
 
 def export_inference(ckpt_path, export_path):
@@ -34,18 +63,11 @@ def export_inference(ckpt_path, export_path):
     return model.num_params(include_head=False)
 
 
-def tokenizer_for(train_config, tiktoken_file):
-    from prepare_data import get_tokenizer, read_meta  # only sampling needs the tokenizer
-    if train_config.get("train_shards"):
-        return get_tokenizer("gpt2", tiktoken_file=tiktoken_file)  # llm.c shards hold GPT-2 ids
-    data_dir = train_config["data_dir"] or os.path.join("data", train_config["dataset"])
-    return get_tokenizer(read_meta(data_dir)["tokenizer"], tiktoken_file=tiktoken_file)
-
-
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--export", default="", help="write the head-free inference weights to this file and exit")
+    p.add_argument("--export_hf", default="", help="write a Hugging Face Llama folder (needs safetensors) and exit")
     p.add_argument("--start", default="\n", help="prompt text")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -55,17 +77,38 @@ def main(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiktoken_file", default=None, help="local .tiktoken ranks for offline machines")
     args = p.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        p.error(problem)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.export:
         n = export_inference(ckpt_path, args.export)
         print(f"wrote {args.export}: {n / 1e6:.2f}M parameters, no nitp_head")
         return
-    model, train_config = load_model(ckpt_path, args.device)
-    tok = tokenizer_for(train_config, args.tiktoken_file)
+    model, ckpt = load_model(ckpt_path, args.device)
+    data = ckpt.get("data") or {}
+    if args.export_hf:
+        from export_hf import ExportError, export_hf
+        try:
+            info = export_hf(model, args.export_hf, tokenizer=data.get("tokenizer"), eot_token=data.get("eot_token"))
+        except ExportError as e:
+            p.error(str(e))
+        print(f"wrote {args.export_hf}: LlamaForCausalLM, {info['n_params'] / 1e6:.2f}M parameters, no nitp_head")
+        print(info["tokenizer_note"])
+        return
+    from prepare_data import PrepareError, get_tokenizer  # only sampling needs a tokenizer
+    if not data.get("tokenizer"):
+        p.error(f"{ckpt_path} does not record its tokenizer (written by an older train.py): retrain, or decode ids yourself")
+    try:
+        tok = get_tokenizer(data["tokenizer"], tiktoken_file=args.tiktoken_file)
+    except PrepareError as e:
+        p.error(str(e))
     torch.manual_seed(args.seed)
     idx = torch.tensor([tok.encode(args.start)], dtype=torch.long, device=args.device)
     for _ in range(args.num_samples):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        # n_tokens: never sample the ids that only pad vocab_size up to a multiple of 64.
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             n_tokens=data["vocab_size"])
         print(tok.decode(out[0].tolist()))
         print("-" * 60)
 
@@ -73,5 +116,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

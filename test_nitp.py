@@ -1,36 +1,23 @@
 """
-Tests for the NITP objective, the model and the training script. CPU only, tiny shapes.
+Tests for the NITP objective and the model's NITP path: the losses, the shift and stop-gradient,
+the head, the ablation switches, the geometry metrics and the FLOPs accounting. CPU only, tiny
+shapes. Training, data, MoE and the scripts are tested in tests/.
 
     python -m pytest -q test_nitp.py
 
 Every test checks a property that breaks when the code is wrong: closed-form values, equality with
 an independent computation, gradients that must (not) flow, and runs that must match.
 """
-import hashlib
-import json
-import os
-
-# Inductor's pool of compile workers keeps both cores of a small machine busy for a while after
-# each compile, slowing every later test; compiling in-process avoids that.
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-import signal
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare_data
-import train
 from model import GPT, GPTConfig
 from nitp import (cosine_loss, effective_rank, generic_cosine_loss, implicit_token_loss, mean_pairwise_cosine,
                   mse_loss, smooth_l1_loss)
-
-HERE = Path(__file__).resolve().parent
 
 
 def tiny_config(**overrides):
@@ -133,18 +120,21 @@ def test_model_nitp_loss_and_gradients_match_hooked_reference(k):
     ref.backward()
     ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert torch.allclose(losses["nitp"], ref, atol=1e-6)
+    # The reference detaches z: equal gradients everywhere mean the layers up to k get gradient from
+    # the NITP loss only through h_t (the stop-gradient), never through the target.
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert torch.allclose(grads[name], ref_grads[name], atol=1e-6), name
-    # stop-gradient: the layers up to k get no gradient from the NITP loss except through h_t
-    assert "lm_head.weight" not in grads
 
 
-def test_total_is_ntp_plus_weighted_nitp():
-    model = tiny_model(nitp_weight=0.6)
+@pytest.mark.parametrize("weight", [0.6, 2.5])
+def test_total_is_ntp_plus_weighted_nitp(weight):
+    model = tiny_model(nitp_weight=weight)
     idx = torch.randint(0, 64, (2, 16))
     _, losses = model(idx, idx)
-    assert torch.allclose(losses["total"], losses["ntp"] + 0.6 * losses["nitp"])
+    # losses["nitp"] is the unweighted loss (what the log shows); the total carries lambda once
+    assert torch.allclose(losses["nitp"], reference_nitp(model, idx, model.config.nitp_layer), atol=1e-6)
+    assert torch.allclose(losses["total"], losses["ntp"] + weight * losses["nitp"])
     logits, _ = model(idx)
     assert torch.allclose(losses["ntp"], F.cross_entropy(logits.view(-1, 64), idx.view(-1)), atol=1e-6)
 
@@ -303,7 +293,9 @@ def test_generic_cosine_regulariser_has_no_target():
         u = F.normalize(h, dim=-1)
         sim = u @ u.transpose(1, 2)  # (B, T, T)
         off_diagonal = (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)) / (16 * 15)
-        loss = model(idx, idx)[1]["nitp"]
+        losses = model(idx, idx)[1]
+        assert "nitp" not in losses  # logged under its own name: it predicts no implicit token
+        loss = losses["generic_cos"]
         assert torch.allclose(loss, off_diagonal.mean(), atol=1e-6)
         values.append(loss)
     assert torch.allclose(values[0], values[1])  # same seed, same weights: no dependence on layer k
@@ -378,322 +370,3 @@ def test_geometry_degenerate_cases():
     assert mean_pairwise_cosine(rank_one) == pytest.approx(numpy_mean_cos(rank_one.numpy()), abs=1e-12)
     isotropic = torch.eye(6, dtype=torch.float64).repeat(50, 1) * torch.tensor([1.0, -1.0]).repeat_interleave(150)[:, None]
     assert effective_rank(isotropic) == pytest.approx(6.0, rel=1e-9)  # spread evenly over 6 directions
-
-
-# ------------------------------------------------------------------------------------------------
-# train.py: configuration, schedule, data
-
-def test_cli_parses_types_and_config_files(tmp_path):
-    preset = tmp_path / "preset.py"
-    preset.write_text('"""doc"""\nn_layer = 4\nlearning_rate = 1e-3\ncompile = False\n')
-    cfg, model_args = train.parse_args([str(preset), "--learning_rate=5e-4", "--nitp_weight=0.8", "--compile=true"])
-    assert cfg.learning_rate == 5e-4 and cfg.compile is True
-    assert model_args == {"n_layer": 4, "nitp_weight": 0.8}
-    for bad, needle in ((["--no_such_knob=1"], "no_such_knob"), (["--nitp_layr=2"], "nitp_layer"),
-                        (["--batch_size=x"], "batch_size"), (["--compile=maybe"], "compile")):
-        with pytest.raises(train.UsageError, match=needle):
-            train.parse_args(bad)
-
-
-@pytest.mark.parametrize("args, needle", [(["--nitp_layer=99"], "nitp_layer=99"),
-                                          (["--no_such_knob=1"], "no_such_knob")])
-def test_cli_errors_are_one_line_without_traceback(args, needle):
-    out = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr
-
-
-def test_lr_schedule():
-    cfg = train.TrainConfig(max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr=0.1, decay_frac=0.2)
-    lrs = [train.get_lr(it, cfg) for it in range(100)]
-    assert lrs[0] > 0  # the first step already learns
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
-    assert all(lr == 1.0 for lr in lrs[10:80])  # stable
-    assert abs(lrs[-1] - 0.1) < 1e-12 and all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # decays to min_lr
-    cos = replace(cfg, lr_schedule="cosine")
-    assert abs(train.get_lr(10, cos) - 1.0) < 1e-12 and abs(train.get_lr(100, cos) - 0.1) < 1e-12
-
-
-def test_batch_offsets_are_stateless_and_distinct_per_micro_batch():
-    a = train.batch_offsets(10_000, 16, 8, seed=1, step=5, micro=0)
-    assert np.array_equal(a, train.batch_offsets(10_000, 16, 8, seed=1, step=5, micro=0))
-    assert not np.array_equal(a, train.batch_offsets(10_000, 16, 8, seed=1, step=5, micro=1))
-    assert not np.array_equal(a, train.batch_offsets(10_000, 16, 8, seed=1, step=6, micro=0))
-
-
-# ------------------------------------------------------------------------------------------------
-# train.py end to end (in-process for speed; torchrun for the multi-process ones)
-
-def make_dataset(folder, n_train=20_000, n_val=2_000, vocab=60):
-    """A learnable byte-ish corpus: a repeated random 'sentence' with noise."""
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(0, vocab, size=97)
-    def tokens(n):
-        seq = np.resize(pattern, n).astype(np.uint16)
-        noise = rng.random(n) < 0.05
-        seq[noise] = rng.integers(0, vocab, size=noise.sum())
-        return seq
-    os.makedirs(folder, exist_ok=True)
-    tokens(n_train).tofile(os.path.join(folder, "train.bin"))
-    tokens(n_val).tofile(os.path.join(folder, "val.bin"))
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"tokenizer": "test", "vocab_size": vocab, "dtype": "uint16", "train_tokens": n_train,
-                   "val_tokens": n_val, "eot_token": vocab - 1}, f)
-    return str(folder)
-
-
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-        "--warmup_iters=2", "--log_interval=1", "--learning_rate=3e-3", "--min_lr=3e-4"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-
-
-def run_train(*args):
-    return train.main([*TINY, *args])
-
-
-def test_training_run_learns_and_logs(data_dir, tmp_path):
-    out = str(tmp_path / "out")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=15",
-                     "--gradient_accumulation_steps=2") == 0
-    steps, evals = read_log(out)
-    assert [r["iter"] for r in steps] == list(range(1, 31))  # max_iters counts optimizer steps
-    assert set(steps[0]) == {"iter", "loss", "ntp", "nitp", "lr"}
-    assert [r["iter"] for r in evals] == [0, 15, 30] and set(evals[0]) == {"iter", "val_loss", "val_nitp", "erank", "mean_cos"}
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert ckpt["iter_num"] == 30
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-
-
-def test_exported_inference_weights_load_into_baseline_with_identical_logits(data_dir, tmp_path):
-    import sample
-    out = str(tmp_path / "out")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3") == 0
-    sample.main([f"--out_dir={out}", f"--export={tmp_path / 'inference.pt'}"])
-    exported = torch.load(tmp_path / "inference.pt", weights_only=False)
-    assert exported["model_config"]["nitp_weight"] == 0 and not any("nitp_head" in k for k in exported["model"])
-    plain = GPT(GPTConfig(**exported["model_config"]))
-    plain.load_state_dict(exported["model"], strict=True)
-    trained, _ = sample.load_model(os.path.join(out, "ckpt.pt"))
-    idx = torch.randint(0, 60, (2, 16))
-    assert torch.equal(plain.eval()(idx)[0], trained(idx)[0])
-
-
-def test_compiled_training_run_evaluates(data_dir, tmp_path):
-    out = str(tmp_path / "out")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--compile=true") == 0
-    steps, evals = read_log(out)
-    assert len(steps) == 2 and len(evals) == 2
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-
-
-def test_resume_is_exact(data_dir, tmp_path):
-    common = [f"--data_dir={data_dir}", "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8"]
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert run_train(*common, f"--out_dir={straight}", "--max_iters=8") == 0
-    assert run_train(*common, f"--out_dir={split}", "--max_iters=4") == 0
-    assert run_train(*common, f"--out_dir={split}", "--max_iters=8", "--init_from=resume") == 0
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-    b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=False)
-    for name in a["model"]:  # bit-for-bit: on CPU every op here is deterministic
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    assert read_log(straight) == read_log(split)
-
-
-def test_checkpoint_survives_kill_during_write(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    script = f"""
-import os, signal, torch, train
-train.save_checkpoint({path!r}, {{"iter_num": 1, "w": torch.ones(3)}})
-real_save = torch.save
-def dying_save(obj, f):
-    f.write(b"partial bytes of a checkpoint")
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
-train.save_checkpoint({path!r}, {{"iter_num": 2, "w": torch.zeros(3)}})
-"""
-    out = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True)
-    assert out.returncode == -signal.SIGKILL
-    ckpt = train.load_checkpoint(path)
-    assert ckpt["iter_num"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
-
-
-def test_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ckpt.pt" in err[0]
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def test_nonfinite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, capsys):
-    out = str(tmp_path / "out")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2") == 0
-    path = os.path.join(out, "ckpt.pt")
-    ckpt = torch.load(path, weights_only=False)
-    ckpt["model"]["transformer.ln_f.weight"].fill_(1e38)  # logits overflow to inf: the loss is NaN
-    train.save_checkpoint(path, ckpt)
-    before = sha256(path)
-    capsys.readouterr()
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--init_from=resume") == 3
-    assert "non-finite" in capsys.readouterr().err
-    assert sha256(path) == before
-    # skip mode: every step is skipped, so the weights never change and the run still finishes
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--init_from=resume",
-                     "--on_nonfinite=skip") == 0
-    after = torch.load(path, weights_only=False)
-    assert after["iter_num"] == 4
-    assert all(torch.equal(after["model"][k], ckpt["model"][k]) for k in ckpt["model"])
-
-
-@pytest.mark.parametrize("args, needle", [
-    (["--dataset=missing_dataset"], "prepare_data.py"),
-    (["--block_size=30000"], "block_size"),
-    (["--total_batch_size=100"], "total_batch_size"),
-    (["--nitp_layer=2"], "nitp_layer"),
-    (["--vocab_size=10"], "vocab_size"),
-])
-def test_bad_inputs_fail_before_work_with_one_line(data_dir, tmp_path, capsys, args, needle):
-    source = [] if args[0].startswith("--dataset") else [f"--data_dir={data_dir}"]
-    assert run_train(*source, f"--out_dir={tmp_path}", *args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
-    assert not os.path.exists(tmp_path / "log.jsonl")
-
-
-def test_resume_with_other_model_shape_is_refused(data_dir, tmp_path, capsys):
-    out = str(tmp_path / "out")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1") == 0
-    capsys.readouterr()
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_embd=64") == 2
-    err = capsys.readouterr().err
-    assert "n_embd" in err and "checkpoint 32" in err
-
-
-# ------------------------------------------------------------------------------------------------
-# multi-process (torchrun, gloo on CPU)
-
-def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *TINY, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp") / "out")
-    torchrun(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3",
-             "--gradient_accumulation_steps=2")
-    return out
-
-
-def test_ddp_two_ranks_equal_one_process_with_more_accumulation(data_dir, ddp_run, tmp_path):
-    single = str(tmp_path / "single")
-    assert run_train(f"--data_dir={data_dir}", f"--out_dir={single}", "--max_iters=6", "--eval_interval=3",
-                     "--gradient_accumulation_steps=4") == 0
-    (steps_ddp, evals_ddp), (steps_one, evals_one) = read_log(ddp_run), read_log(single)
-    assert len(steps_ddp) == len(steps_one) == 6
-    for a, b in zip(steps_ddp + evals_ddp, steps_one + evals_one):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a, b)
-    wa = torch.load(os.path.join(ddp_run, "ckpt.pt"), weights_only=False)["model"]
-    wb = torch.load(os.path.join(single, "ckpt.pt"), weights_only=False)["model"]
-    for name in wa:
-        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
-
-
-def test_ddp_resume_is_exact(data_dir, ddp_run, tmp_path):
-    out = str(tmp_path / "out")
-    common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=3", "--gradient_accumulation_steps=2",
-              "--lr_decay_iters=6"]
-    torchrun(*common, "--max_iters=3")
-    torchrun(*common, "--max_iters=6", "--init_from=resume")
-    assert read_log(out) == read_log(ddp_run)
-    wa = torch.load(os.path.join(ddp_run, "ckpt.pt"), weights_only=False)
-    wb = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
-    assert len(wb["rng_states"]) == 2
-
-
-# ------------------------------------------------------------------------------------------------
-# prepare_data.py
-
-from test_prepare_data import GPT2_FILE, needs_gpt2  # noqa: E402  (where the GPT-2 ranks are found)
-
-
-@needs_gpt2
-def test_gpt2_ids_and_round_trip_from_local_ranks():
-    tok = prepare_data.get_tokenizer("gpt2", tiktoken_file=str(GPT2_FILE))
-    assert tok.encode("Hello world") == [15496, 995]
-    assert tok.eot_token == 50256 and tok.vocab_size == 50257
-    text = "NITP predicts z_{t+1}: caf\u00e9, \u6f22\u5b57, <|endoftext|> stays text.\n"
-    assert tok.decode(tok.encode(text)) == text
-
-
-def test_byte_tokenizer_round_trip():  # test_prepare_data.py covers the dataset files themselves
-    tok = prepare_data.get_tokenizer("byte")
-    text = "def f(x):\n    return '\u00e9\u6f22'\n"
-    assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < tok.eot_token == 256
-
-
-def test_llmc_shards_train_and_read_across_boundaries(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    tokens = [rng.integers(0, 60, size=n) for n in (700, 300, 900)]
-    for i, t in enumerate(tokens):
-        prepare_data.write_llmc_shard(tmp_path / f"train_{i:03d}.bin", t)
-    prepare_data.write_llmc_shard(tmp_path / "val_000.bin", tokens[0][:500])
-    shards = train.ShardedTokens(str(tmp_path / "train_*.bin"))
-    whole = np.concatenate(tokens)
-    assert len(shards) == len(whole)
-    for start in (0, 650, 699, 990, 1100):  # inside a shard, and across one and two boundaries
-        assert np.array_equal(shards[start:start + 420], whole[start:start + 420])
-    out = str(tmp_path / "out")
-    assert run_train(f"--train_shards={tmp_path}/train_*.bin", f"--val_shards={tmp_path}/val_*.bin",
-                     f"--out_dir={out}", "--max_iters=2") == 0
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["model_config"]["vocab_size"] == 50304
-    (tmp_path / "bad_000.bin").write_bytes(b"\0" * 2048)
-    capsys.readouterr()
-    assert run_train(f"--train_shards={tmp_path}/bad_*.bin", f"--val_shards={tmp_path}/val_*.bin",
-                     f"--out_dir={out}") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bad_000.bin" in err[0] and "magic" in err[0]
-
-
-# ------------------------------------------------------------------------------------------------
-# the experiment runner
-
-def test_experiment_runner_table_is_mean_and_spread_over_seeds(data_dir, tmp_path):
-    import run_experiments
-    root = str(tmp_path / "exp")
-    run_experiments.main(["--variants=ntp,nitp", "--seeds=2", f"--out={root}", "--max_iters=4", "--",
-                          *TINY, f"--data_dir={data_dir}", "--eval_interval=2"])
-    table = (tmp_path / "exp" / "results.md").read_text().splitlines()
-    finals = {v: [read_log(os.path.join(root, f"{v}_s{s}"))[1][-1] for s in (1, 2)] for v in ("ntp", "nitp")}
-    for row, v in zip(table[2:], ("ntp", "nitp")):
-        losses = [f["val_loss"] for f in finals[v]]
-        assert row.startswith(f"| {v} | 2 | {np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f} |")
-    assert "| - |" in table[2] and "| - |" not in table[3]  # the baseline has no NITP loss
-    # same seed, same data and initial weights: the step-0 evaluation of the trunk is identical
-    first = {v: read_log(os.path.join(root, f"{v}_s1"))[1][0] for v in ("ntp", "nitp")}
-    assert first["ntp"]["val_loss"] == pytest.approx(first["nitp"]["val_loss"], rel=1e-6)

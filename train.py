@@ -4,14 +4,19 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
     python prepare_data.py                        # the embedded default corpus -> data/stdlib
     python train.py                               # NITP with the paper's defaults
     python train.py --nitp_weight=0               # the plain next-token baseline
-    python train.py config/some_preset.py --max_iters=2000
-    torchrun --standalone --nproc_per_node=8 train.py config/some_preset.py
+    python train.py config/cpu_tiny.py --max_iters=400
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
-Knobs are the fields of TrainConfig below and of model.GPTConfig; `--key=value` sets one, a config
-file (`key = value` lines, see config/) sets several; unknown keys and wrong types are rejected.
-Writes out_dir/log.jsonl (one JSON record per line), out_dir/ckpt.pt (atomically replaced) and
-out_dir/config.json. `--init_from=resume` continues exactly where ckpt.pt stopped.
+Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config
+file (`key = value` lines, see config/) sets several; flags override files. Writes
+out_dir/log.jsonl (one JSON record per line), out_dir/ckpt.pt (replaced atomically) and
+out_dir/config.json. `--init_from=resume` continues from ckpt.pt with the same data order, random
+state and loss scale, so a resumed run ends where an uninterrupted one would have.
+
+Reading order: the config; small pure helpers (command line, data, schedule, evaluation); then
+run(): the setup, and the training loop in the order things happen.
 """
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -19,20 +24,21 @@ import glob
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, expert_balance_stats, flops_per_token
+from model import (GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint,
+                   save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine
-import prepare_data
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrainConfig:
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps * world_size
     batch_size: int = 16  # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step per process
-    total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = as above, else derives gradient_accumulation_steps
+    total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = as above, else derives the accumulation
     max_iters: int = 600  # optimizer steps (not micro-steps)
     # AdamW (spec: betas (0.9, 0.95), weight decay 0.1, clip 1.0)
     learning_rate: float = 2e-3  # peak lr (paper: 4.2e-4 to 8.7e-4 at scale; tiny models take more)
@@ -66,75 +72,88 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches, the same fixed ones at every evaluation
     log_interval: int = 10  # print and log a training record every this many steps
     # system
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
     compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
-    seed: int = 1337
+    seed: int = 1337  # weights, data order and dropout; >= 0
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
     peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
     nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be a finite number")
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
                      "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("total_batch_size", "warmup_iters", "lr_decay_iters", "seed", "nitp_start_iter", "min_lr",
+                     "weight_decay", "grad_clip", "peak_flops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         choices = {"init_from": ("scratch", "resume"), "lr_schedule": ("wsd", "cosine"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"), "on_nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        if not 0 <= self.decay_frac <= 1:
-            raise ValueError(f"decay_frac={self.decay_frac} must be in [0, 1]")
-        if self.min_lr > self.learning_rate:
-            raise ValueError(f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}")
-
-
-LLMC_VOCAB = 50257  # GPT-2's vocabulary, what llm.c's shards hold
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
+        if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
+            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), decay_frac="
+                             f"{self.decay_frac} in [0, 1]")
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
+class NonFiniteLoss(Exception):
+    """The loss or gradient became inf/NaN and the run cannot go on: exit 3, checkpoint untouched."""
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite=skip: more skipped steps than this in a row means broken weights
+LLMC_VOCAB = 50257  # GPT-2's vocabulary, what llm.c's shards hold
+TOKEN_DTYPES = ("uint16", "uint32")  # what prepare_data.py writes (meta.json "dtype")
+
 # ----------------------------------------------------------------------------------------------
-# command line: python train.py [config/file.py] [--key=value ...]
-
-def knob_types():
-    """Every knob name -> its Python type, from both dataclasses (they share no field names)."""
-    fields = list(dataclasses.fields(TrainConfig)) + list(dataclasses.fields(GPTConfig))
-    return {f.name: type(f.default) for f in fields}
+# command line: python train.py [config/file.py ...] [--key=value ...]
 
 
-def parse_value(key, text, typ):
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UsageError(f"--{key}={text}: expected a boolean (true/false)")
-    try:
-        if typ is int:
-            return int(text)
-        if typ is float:
-            return float(text)
-    except ValueError:
-        raise UsageError(f"--{key}={text}: expected {typ.__name__}") from None
-    return text
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2 (in main), instead of a usage block
+        raise UsageError(message)
 
 
-def check_key(key, types):
-    if key not in types:
-        close = difflib.get_close_matches(key, types, n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else " (see TrainConfig in train.py and GPTConfig in model.py)"
-        raise UsageError(f"unknown knob '{key}'{hint}")
+def converter(name, typ):
+    """--name's text -> typ, with an error that says what was expected."""
+    def convert(text):
+        text = str(text)
+        if typ is str:
+            return text
+        if typ is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        try:
+            if typ is not bool:
+                return typ(text)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"--{name}={text}: expected {'true/false' if typ is bool else typ.__name__}")
+    return convert
 
 
-def read_config_file(path, types):
+def read_config_file(path, fields):
     """A config file holds `key = literal` lines (no code is executed, unlike nanoGPT's exec)."""
     try:
-        tree = ast.parse(open(path).read(), filename=path)
-    except (OSError, SyntaxError) as e:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"cannot read config file {path}: {e}") from None
     values = {}
     for node in tree.body:
@@ -143,33 +162,40 @@ def read_config_file(path, types):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file")
         key = node.targets[0].id
-        check_key(key, types)
+        if key not in fields:
+            raise UsageError(f"{path}:{node.lineno}: unknown knob '{key}'{did_you_mean(key, fields)}")
         try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            raise UsageError(f"{path}:{node.lineno}: the value of {key} must be a literal") from None
-        values[key] = parse_value(key, str(value), types[key]) if not isinstance(value, types[key]) else value
+            values[key] = converter(key, type(fields[key].default))(ast.literal_eval(node.value))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"{path}:{node.lineno}: {e if str(e).startswith('--') else 'the value must be a literal'}")
     return values
 
 
+def did_you_mean(key, names):
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean --{close[0]}?)" if close else " (see TrainConfig in train.py and GPTConfig in model.py)"
+
+
 def parse_args(argv):
-    """-> (TrainConfig, dict of GPTConfig overrides). Later arguments override earlier ones."""
-    types = knob_types()
+    """-> (TrainConfig, dict of GPTConfig overrides). Config files in order, then the flags."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)}
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
+    for name, f in fields.items():
+        parser.add_argument(f"--{name}", type=converter(name, type(f.default)), default=argparse.SUPPRESS,
+                            metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        key = unknown[0].lstrip("-").partition("=")[0]
+        raise UsageError(f"unknown knob or argument '{unknown[0]}'{did_you_mean(key, fields)}")
     values = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            values.update(read_config_file(arg, types))
-            continue
-        key, eq, text = arg[2:].partition("=")
-        check_key(key, types)
-        if not eq:
-            raise UsageError(f"--{key}: give a value, as --{key}=VALUE")
-        values[key] = parse_value(key, text, types[key])
+    for path in args.config_files:
+        values.update(read_config_file(path, fields))
+    values.update({k: v for k, v in vars(args).items() if k != "config_files"})
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_args = {k: v for k, v in values.items() if k in train_names}
-    model_args = {k: v for k, v in values.items() if k not in train_names}
     try:
-        cfg = TrainConfig(**train_args)
+        cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+        model_args = {k: v for k, v in values.items() if k not in train_names}
         GPTConfig(**model_args)  # validate the model knobs now, before any data is read
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -177,28 +203,62 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: flat token files, sampled statelessly so that resuming and re-sharding are exact
+# data: the files prepare_data.py writes (meta.json + flat ids) and llm.c shards, read here
 
-def load_split(data_dir, split):
-    """The token ids of one split as a read-only memmap, and the dataset's meta.json."""
+def read_meta(data_dir):
+    """The dataset folder's meta.json, checked for what training needs: vocab_size and dtype."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        name = os.path.basename(os.path.normpath(data_dir))
+        hint = "python prepare_data.py" + ("" if name == "stdlib" else f" --input=YOUR_FILES --name={name}")
+        raise UsageError(f"no dataset in {data_dir} (no meta.json): build it with `{hint}`")
     try:
-        return prepare_data.load_split(data_dir, split), prepare_data.read_meta(data_dir)
-    except (OSError, ValueError) as e:  # no dataset, or files that do not match their meta.json
-        raise UsageError(str(e)) from None
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8
+        raise UsageError(f"{path} is not readable JSON ({e}): rebuild the dataset with prepare_data.py") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        problem = "it is not a JSON object"
+    elif meta.get("dtype") not in TOKEN_DTYPES:
+        problem = f"dtype {meta.get('dtype')!r} is not one of {TOKEN_DTYPES}"
+    elif not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        problem = f"vocab_size {vocab!r} is not a positive integer"
+    else:
+        return meta
+    raise UsageError(f"{path}: {problem}; rebuild the dataset with prepare_data.py")
+
+
+def load_split(data_dir, split, meta):
+    """One split's token ids ("train" or "val") as a read-only little-endian memmap."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    promised = meta.get(f"{split}_tokens")
+    if size == 0 or size % dtype.itemsize or (isinstance(promised, int) and size != promised * dtype.itemsize):
+        raise UsageError(f"{path} is missing, empty or not the {promised} tokens meta.json promises: "
+                         f"rebuild the dataset with prepare_data.py")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def read_llmc_shard(path):
+    """The uint16 ids of an llm.c shard (256 x int32 header: magic 20240520, version 1, count)."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=256) if size >= 1024 else np.zeros(3, dtype="<i4")
+    if header[0] != 20240520 or header[1] != 1 or size != 1024 + 2 * int(header[2]):
+        raise UsageError(f"{path} is not an llm.c token shard (bad header, or {size} bytes where the header "
+                         f"promises {1024 + 2 * int(header[2])}): regenerate it")
+    return np.memmap(path, dtype="<u2", mode="r", offset=1024, shape=(int(header[2]),))
 
 
 class ShardedTokens:
-    """llm.c / modded-nanogpt shards (256 x int32 header, magic 20240520, then uint16 tokens) seen
-    as one sequence, memory-mapped; a window that crosses a shard boundary is stitched together."""
+    """llm.c shards seen as one sequence, memory-mapped; a window across a boundary is stitched."""
 
     def __init__(self, pattern):
         paths = sorted(glob.glob(pattern))
         if not paths:
             raise UsageError(f"no llm.c shard matches {pattern!r}: give a glob such as 'fineweb10B/fineweb_train_*.bin'")
-        try:
-            self.shards = [prepare_data.read_llmc_shard(p) for p in paths]
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        self.shards = [read_llmc_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
 
     def __len__(self):
@@ -208,11 +268,9 @@ class ShardedTokens:
         first = int(np.searchsorted(self.starts, window.start, side="right")) - 1
         pieces, pos = [], window.start
         while pos < window.stop:
-            shard = self.shards[first]
-            take = shard[pos - self.starts[first]:window.stop - self.starts[first]]
+            take = self.shards[first][pos - self.starts[first]:window.stop - self.starts[first]]
             pieces.append(take)
-            pos += len(take)
-            first += 1
+            pos, first = pos + len(take), first + 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
@@ -224,8 +282,13 @@ def load_data(cfg):
         meta = {"vocab_size": LLMC_VOCAB, "tokenizer": "gpt2"}  # llm.c's shards hold GPT-2 ids
         return ShardedTokens(cfg.train_shards), ShardedTokens(cfg.val_shards), meta, cfg.train_shards
     data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
-    train_data, meta = load_split(data_dir, "train")
-    val_data, _ = load_split(data_dir, "val")
+    meta = read_meta(data_dir)
+    train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
+    # An id >= vocab_size would fail deep inside the first forward pass: check it now, in 16M-id chunks.
+    top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
+    if top >= meta["vocab_size"]:
+        raise UsageError(f"{data_dir} holds token id {top} but its meta.json says vocab_size={meta['vocab_size']}: "
+                         f"the files do not match; rebuild the dataset with prepare_data.py")
     return train_data, val_data, meta, data_dir
 
 
@@ -238,9 +301,10 @@ def batch_offsets(n_tokens, block_size, batch_size, seed, step, micro):
 
 
 def get_batch(data, offsets, block_size, device):
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in offsets]).astype(np.int64))  # (B, T)
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in offsets]).astype(np.int64))  # (B, T)
-    if device.type == "cuda":
+    """Inputs x and targets y (B, T): y is x shifted left by one token."""
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))  # (B, T+1)
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -252,7 +316,8 @@ def val_offsets(n_tokens, block_size, batch_size, eval_iters):
 
 
 # ----------------------------------------------------------------------------------------------
-# learning rate
+# learning rate, evaluation, checkpoints
+
 
 def get_lr(it, cfg):
     """lr for optimizer step `it` (0-based). Warmup starts at lr/(warmup+1), not 0, so the first
@@ -273,61 +338,142 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary file, then atomically renamed
+@torch.no_grad()
+def evaluate(model, data, offsets, block_size, ctx, device, aux_name=None, rank=0, world_size=1):
+    """Mean validation losses over the fixed windows `offsets` (eval_iters, B); rank r takes
+    batches r, r + W, ... Every rank calls all_reduce exactly once whatever eval_iters, and
+    `model` must not be the DDP wrapper (whose forward is a collective), so a rank with no batch
+    never leaves the others waiting. Eval mode (no dropout) makes it deterministic; training mode
+    is restored."""
+    model.eval()
+    sums = torch.zeros(3, device=device)  # ntp, aux, batches
+    for i in range(rank, len(offsets), world_size):
+        x, y = get_batch(data, offsets[i], block_size, device)
+        with ctx:
+            _, losses = model(x, y)
+        sums += torch.stack([losses["ntp"].float(), losses.get(aux_name, sums[0] * 0).float(), sums[0] * 0 + 1])
+    if world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    record = {"val_loss": (sums[0] / sums[2]).item()}
+    if aux_name:
+        record[f"val_{aux_name}"] = (sums[1] / sums[2]).item()
+    return record
 
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a kill before this line leaves the previous checkpoint intact
+
+@torch.no_grad()
+def geometry(raw_model, x, ctx, max_tokens=8192):
+    """erank and mean_cos (spec, Appendix D) of the final states h_t of the batch x, at most
+    max_tokens of them. Evaluation only: training keeps no hidden states around."""
+    raw_model.eval()
+    with ctx:
+        _, h, _ = raw_model.trunk(x)
+    raw_model.train()
+    states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
+    states = states[::max(1, states.size(0) // max_tokens)][:max_tokens]
+    return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise UsageError(f"init_from=resume but {path} does not exist: train with --init_from=scratch first")
+def lock_out_dir(out_dir):
+    """Create out_dir and take its lock: a file holding our host and PID, created exclusively. A
+    lock left by a process that is gone (same host) is taken over. -> the lock file's path."""
+    path = os.path.join(out_dir, "train.lock")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
-                         f"it is damaged or not a nitp checkpoint; restore it or start with --init_from=scratch") from None
+        os.makedirs(out_dir, exist_ok=True)
+        for _ in range(2):
+            try:
+                with open(path, "x") as f:
+                    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                return path
+            except FileExistsError:
+                host, _, pid = open(path).read().strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or
+                                                                       not process_alive(int(pid))):
+                    os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
+                    continue
+                raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait for "
+                                 f"it, pick another --out_dir, or delete {path} if that run is gone") from None
+    except OSError as e:
+        raise UsageError(f"cannot use out_dir {out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
 
 
-def check_resume_config(ckpt_config, model_config, path):
-    differing = [k for k, v in dataclasses.asdict(model_config).items() if k != "dropout" and ckpt_config.get(k) != v]
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def trim_log(path, last_iter):
+    """Drop log records past the checkpoint's step (a crash after it left them; the resumed run
+    writes them again), atomically, so that after a resume the log reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] <= last_iter:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the crash
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:  # opened per record, so a crash loses nothing already logged
+        f.write(json.dumps(record) + "\n")
+
+
+def check_resume(ckpt, mcfg, cfg, path, say):
+    """Refuse a checkpoint of another model shape; name any schedule knob that changed."""
+    saved = ckpt["model_config"]
+    differing = [k for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v]
     if differing:
-        detail = ", ".join(f"{k}: checkpoint {ckpt_config.get(k)!r} vs requested {getattr(model_config, k)!r}"
-                           for k in differing)
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {getattr(mcfg, k)!r}" for k in differing)
         raise UsageError(f"the model in {path} differs from the requested config ({detail}); "
                          f"pass the checkpoint's settings or use a new out_dir")
+    old = ckpt.get("train_config", {})
+    changed = [f"{k} {old[k]} -> {getattr(cfg, k)}" for k in ("max_iters", "lr_decay_iters", "warmup_iters",
+               "learning_rate", "min_lr", "lr_schedule", "decay_frac") if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        say(f"notice: the schedule differs from the checkpoint's ({', '.join(changed)}); the learning rate "
+            f"follows the new one from step {ckpt['iter_num']} on")
 
 
 # ----------------------------------------------------------------------------------------------
-# devices, processes and precision
+# devices and processes
 
 def setup_distributed():
     """-> (rank, local_rank, world_size). torchrun sets RANK; a plain `python` run is rank 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def pick_device(requested, local_rank, world_size):
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() and world_size == 1:
-            requested = "mps"
-        else:
-            requested = "cpu"
-    if requested == "cuda" and world_size > 1:
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={requested} but this machine has no CUDA GPU usable by torch "
+                         f"{torch.__version__}: use --device=cpu (or auto)")
+    if requested == "mps" and not mps:
+        raise UsageError("--device=mps but MPS is not available here: use --device=cpu (or auto)")
+    if requested == "cuda":
         requested = f"cuda:{local_rank}"
     device = torch.device(requested)
     if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
     return device
 
@@ -335,12 +481,9 @@ def pick_device(requested, local_rank, world_size):
 def pick_dtype(requested, device, say):
     """The autocast dtype; one the device cannot do falls back to float32 with a notice."""
     if requested == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     dtype = getattr(torch, requested)
-    if dtype == torch.float32:
-        return dtype
-    if device.type != "cuda":
+    if dtype != torch.float32 and device.type != "cuda":
         say(f"notice: dtype={requested} is not used on {device.type}; training in float32")
         return torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -373,123 +516,20 @@ def git_hash():
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation
-
-GEOMETRY_TOKENS = 8192  # at most this many last states (from the first validation batch) for erank and mean_cos
-
-
-@torch.no_grad()
-def evaluate(r):
-    """Mean validation losses over the fixed batches (each process takes every world_size-th one),
-    plus the geometry of the last hidden states (spec, Appendix D) on rank 0."""
-    r.model.eval()
-    sums = torch.zeros(3, device=r.device)  # ntp, nitp, batches
-    for i in range(r.rank, len(r.val_offsets), r.world_size):
-        x, y = get_batch(r.val_data, r.val_offsets[i], r.mcfg.block_size, r.device)
-        with r.ctx:
-            _, losses = r.model(x, y)
-        sums += torch.stack([losses["ntp"].float(), losses.get("nitp", losses["ntp"] * 0).float(),
-                             torch.ones((), device=r.device)])
-    if r.world_size > 1:
-        torch.distributed.all_reduce(sums)
-    record = {"val_loss": (sums[0] / sums[2]).item()}
-    if r.mcfg.nitp:
-        record["val_nitp"] = (sums[1] / sums[2]).item()
-    if r.master:
-        record.update(geometry(r))
-    r.model.train()
-    return record
-
-
-def geometry(r):
-    """erank and mean_cos of the final states h_t on the first validation batch. One extra forward
-    of the uncompiled model, at evaluation only: training keeps no hidden states around."""
-    x, _ = get_batch(r.val_data, r.val_offsets[0], r.mcfg.block_size, r.device)
-    with r.ctx:
-        _, h, _ = r.raw_model.trunk(x)
-    states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
-    stride = max(1, states.size(0) // GEOMETRY_TOKENS)
-    states = states[::stride][:GEOMETRY_TOKENS]
-    return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
-
-
-def mean_over_ranks(values, world_size):
-    """Average a 1-D tensor of logged numbers over processes, so the log shows the global batch."""
-    if world_size > 1:
-        torch.distributed.all_reduce(values)
-        values /= world_size
-    return values
+def build_model_config(model_args, meta):
+    """GPTConfig from the knobs; vocab_size comes from the dataset, padded to a multiple of 64."""
+    data_vocab = meta["vocab_size"]
+    if model_args.get("vocab_size", data_vocab) < data_vocab:
+        raise UsageError(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's vocabulary "
+                         f"({data_vocab}, from meta.json): drop --vocab_size or set it >= {data_vocab}")
+    return GPTConfig(**{"vocab_size": 64 * math.ceil(data_vocab / 64), **model_args})
 
 
 # ----------------------------------------------------------------------------------------------
 # the run
 
-class Logger:
-    """Appends JSON records to out_dir/log.jsonl (rank 0 only), flushed at once so a crash keeps them."""
-
-    def __init__(self, out_dir, active):
-        self.path = os.path.join(out_dir, "log.jsonl")
-        self.active = active
-
-    def record(self, **fields):
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(fields) + "\n")
-
-
-def build_model_config(model_args, meta):
-    """GPTConfig from the knobs; vocab_size comes from the dataset, padded to a multiple of 64."""
-    data_vocab = int(meta["vocab_size"])
-    if "vocab_size" in model_args and model_args["vocab_size"] < data_vocab:
-        raise UsageError(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's vocabulary "
-                         f"({data_vocab}, from meta.json): drop --vocab_size or set it >= {data_vocab}")
-    model_args = {"vocab_size": 64 * math.ceil(data_vocab / 64), **model_args}
-    try:
-        return GPTConfig(**model_args)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
-def derive_accumulation(cfg, block_size, world_size):
-    if cfg.total_batch_size == 0:
-        return cfg.gradient_accumulation_steps
-    per_step = cfg.batch_size * block_size * world_size
-    if cfg.total_batch_size % per_step:
-        raise UsageError(f"total_batch_size={cfg.total_batch_size} tokens does not divide into micro-batches of "
-                         f"batch_size*block_size*world_size = {cfg.batch_size}*{block_size}*{world_size} = {per_step}; "
-                         f"make it a multiple of {per_step}")
-    return cfg.total_batch_size // per_step
-
-
-def check_data_fits(train_data, val_data, block_size, data_dir):
-    for name, data in (("train", train_data), ("val", val_data)):
-        if len(data) < block_size + 2:
-            raise UsageError(f"block_size={block_size} is larger than the {name} split of {data_dir} "
-                             f"({len(data)} tokens): use a smaller --block_size or prepare more data")
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(device, world_size):
-    """Every rank's random state (rank 0 saves them all, so dropout continues exactly on resume)."""
-    state = rng_state(device)
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
 def run(argv):
+    # --- setup: knobs, processes, device, data, model, optimizer, resume state
     cfg, model_args = parse_args(argv)
     rank, local_rank, world_size = setup_distributed()
     master = rank == 0
@@ -497,17 +537,28 @@ def run(argv):
     device = pick_device(cfg.device, local_rank, world_size)
     ptdtype = pick_dtype(cfg.dtype, device, say)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
-
-    train_data, val_data, meta, data_dir = load_data(cfg)
+    train_data, val_data, meta, data_where = load_data(cfg)
     mcfg = build_model_config(model_args, meta)
-    check_data_fits(train_data, val_data, mcfg.block_size, data_dir)
-    accum = derive_accumulation(cfg, mcfg.block_size, world_size)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    if ckpt is not None:
-        check_resume_config(ckpt["model_config"], mcfg, ckpt_path)
+    if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
+        raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {data_where} ({len(train_data)} "
+                         f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
+    accum = cfg.gradient_accumulation_steps
+    if cfg.total_batch_size:
+        per_micro = cfg.batch_size * mcfg.block_size * world_size
+        if cfg.total_batch_size % per_micro:
+            raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size*block_size*"
+                             f"world_size = {per_micro} tokens: make it one")
+        accum = cfg.total_batch_size // per_micro
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt = None
+    if cfg.init_from == "resume":
+        if not os.path.exists(ckpt_path):
+            raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
+        ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num", "rng_states"))
+        check_resume(ckpt, mcfg, cfg, ckpt_path, say)
+    lock = lock_out_dir(cfg.out_dir) if master else None
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(mcfg).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
@@ -516,175 +567,165 @@ def run(argv):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         start_iter = ckpt["iter_num"]
-        if ckpt["world_size"] == world_size:
-            set_rng_state(ckpt["rng_states"][rank], device)
+        if ckpt.get("world_size") == world_size:
+            torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
+            if device.type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"], device)
         else:
-            say(f"notice: resuming with {world_size} processes instead of {ckpt['world_size']}: per-process random "
-                f"state is re-seeded; the data order is unchanged only if the global batch is unchanged")
+            say(f"notice: resuming with {world_size} processes instead of {ckpt.get('world_size')}: the random "
+                f"state is re-seeded; the data order is unchanged only if the global batch is")
+        if master:
+            trim_log(log_path, start_iter)
         del ckpt
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    train_model = model
+    if world_size > 1:  # the RoPE tables are buffers every rank computes itself: nothing to broadcast
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 
     tokens_per_iter = cfg.batch_size * mcfg.block_size * accum * world_size
+    logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
+    val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
+    flops, peak = flops_per_token(mcfg), peak_flops(cfg, device)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git_hash(), "argv": argv}, f, indent=2)
-    flops = flops_per_token(mcfg)
     say(f"training FLOPs per token (6 x params touched): {flops['total']:.3e}, of which NITP "
         f"{flops['nitp']:.3e} = {100 * flops['nitp_share']:.2f}% of NTP")
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M "
         f"at inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; "
         f"nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} nitp_loss={mcfg.nitp_loss}")
-    run_state = SimpleNamespace(
-        cfg=cfg, mcfg=mcfg, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, ctx=ctx,
-        device=device, rank=rank, world_size=world_size, accum=accum, train_data=train_data, val_data=val_data,
-        val_offsets=val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters),
-        logger=Logger(cfg.out_dir, master), ckpt_path=ckpt_path, say=say, master=master,
-        tokens_per_iter=tokens_per_iter, logged=logged_losses(mcfg), flops_per_token=flops["total"], peak=peak_flops(cfg, device))
-    train_loop(run_state, start_iter)
 
+    # --- the training loop: one optimizer step per iteration; evaluation and checkpoint at its end
+    skipped = 0  # consecutive skipped (non-finite) steps
+    t0, timed_steps = time.time(), 0
+    with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
+        for it in range(start_iter, cfg.max_iters + 1):  # it = optimizer steps taken so far
+            if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
+                val = evaluate(model, val_data, val_windows, mcfg.block_size, ctx, device,
+                               mcfg.aux_name if mcfg.nitp else None, rank, world_size)
+                if master:
+                    x, _ = get_batch(val_data, val_windows[0], mcfg.block_size, device)
+                    val.update(geometry(raw_model, x, ctx))
+                    append_jsonl(log_path, {"iter": it, **val})
+                    say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                # Every rank takes part in the gather; rank 0 saves them all, so dropout resumes exactly.
+                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+                rng_states = [rng]
+                if world_size > 1:
+                    rng_states = [None] * world_size
+                    dist.all_gather_object(rng_states, rng)
+                if master and it > 0 and skipped:
+                    say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
+                elif master and it > 0:
+                    save_checkpoint(ckpt_path, {
+                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
+                        "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                        "rng_states": rng_states, "world_size": world_size,
+                        "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
+            if it == cfg.max_iters:
+                break
 
-def train_step(r, it):
-    """One optimizer step: accumulation micro-steps, clipping, the non-finite guard, the update.
-    Returns the losses named in r.logged averaged over micro-steps (a tensor), the gradient norm,
-    whether the step was finite, and the MoE expert token counts (None for a dense model)."""
-    cfg = r.cfg
-    sums = counts = None
-    for micro in range(r.accum):
-        if r.world_size > 1:  # all-reduce gradients only on the last micro-step, decided before forward
-            r.model.require_backward_grad_sync = micro == r.accum - 1
-        offsets = batch_offsets(len(r.train_data), r.mcfg.block_size, cfg.batch_size, cfg.seed, it,
-                                r.rank * r.accum + micro)
-        x, y = get_batch(r.train_data, offsets, r.mcfg.block_size, r.device)
-        with r.ctx:
-            _, losses = r.model(x, y, **nitp_weight_now(r, it))
-        # Every micro-batch holds the same number of tokens, so dividing each mean by the number of
-        # micro-steps makes the accumulated gradient exactly that of the mean over the whole batch.
-        r.scaler.scale(losses["total"] / r.accum).backward()
-        parts = torch.stack([losses[k].detach().float() for k in r.logged])
-        sums = parts if sums is None else sums + parts
-        if "expert_counts" in losses:  # (n_moe_layers, E) tokens per expert, summed over micro-steps
-            counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
-    r.scaler.unscale_(r.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), cfg.grad_clip or float("inf"))
-    # One host sync per step: a non-finite update must never reach the weights (or a checkpoint).
-    finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(sums).all())
-    if finite or r.scaler.is_enabled():  # float16's scaler skips a bad step by itself and lowers its scale
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-    r.optimizer.zero_grad(set_to_none=True)
-    return sums / r.accum, norm, finite, counts
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # A late NITP start (paper ablation) as a weight tensor: 0 before nitp_start_iter, lambda
+            # after; a tensor, not a float, so the compiled graph is not rebuilt when it switches.
+            weight = {}
+            if mcfg.nitp and cfg.nitp_start_iter:
+                weight = {"nitp_weight": torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)}
+            sums = counts = None
+            for micro in range(accum):
+                if world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
+                    train_model.require_backward_grad_sync = micro == accum - 1
+                offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it,
+                                        rank * accum + micro)
+                x, y = get_batch(train_data, offsets, mcfg.block_size, device)
+                with ctx:
+                    _, losses = train_model(x, y, **weight)
+                # Every micro-batch holds the same number of tokens, so dividing each mean by the number
+                # of micro-steps makes the accumulated gradient exactly that of the mean over the batch.
+                scaler.scale(losses["total"] / accum).backward()
+                parts = torch.stack([losses[k].detach().float() for k in logged])
+                sums = parts if sums is None else sums + parts
+                if "expert_counts" in losses:  # (n_moe_layers, E) tokens per expert, summed over micro-steps
+                    counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            # One host sync per step: a non-finite update must never reach the weights (or a checkpoint).
+            finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(sums).all())
+            if finite or scaler.is_enabled():  # float16's scaler skips a bad step itself and lowers its scale
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            skipped = 0 if finite else skipped + 1
+            if not finite:
+                what = (f"non-finite loss or gradient at step {it + 1} (loss {sums[0].item() / accum:.4g}, grad norm "
+                        f"{norm.item():.4g})")
+                keep = f"stopped without saving, so {ckpt_path} still holds the last good state"
+                if cfg.on_nonfinite == "stop" and not scaler.is_enabled():
+                    raise NonFiniteLoss(f"{what}; {keep}. Lower --learning_rate, or pass --on_nonfinite=skip")
+                if skipped > MAX_SKIPPED_IN_A_ROW:
+                    raise NonFiniteLoss(f"{what}: {skipped} steps in a row skipped (the limit is "
+                                        f"{MAX_SKIPPED_IN_A_ROW}), the weights are broken; {keep}. Lower --learning_rate")
+                say(f"warning: {what}; step skipped")
+            bar.update(1)
+            timed_steps += 1
 
-
-def logged_losses(mcfg):
-    """The entries of the loss dict that are logged, in this order."""
-    return ["total", "ntp"] + (["nitp"] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
-
-
-def nitp_weight_now(r, it):
-    """A late NITP start (paper ablation) as a weight tensor: 0 before nitp_start_iter, lambda after.
-    A tensor, not a float, so that the compiled graph is not rebuilt when it switches."""
-    if not r.mcfg.nitp or r.cfg.nitp_start_iter == 0:
-        return {}
-    weight = 0.0 if it < r.cfg.nitp_start_iter else r.mcfg.nitp_weight
-    return {"nitp_weight": torch.tensor(weight, device=r.device)}
-
-
-def save(r, it, val):
-    states = all_rng_states(r.device, r.world_size)  # every rank takes part in the gather
-    if r.master:
-        save_checkpoint(r.ckpt_path, {
-            "model": r.raw_model.state_dict(), "optimizer": r.optimizer.state_dict(),
-            "model_config": dataclasses.asdict(r.mcfg), "train_config": dataclasses.asdict(r.cfg),
-            "iter_num": it, "val": val, "rng_states": states, "world_size": r.world_size})
-
-
-def evaluate_and_save(r, it):
-    val = evaluate(r)
-    r.logger.record(iter=it, **val)
-    r.say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-    if it > 0:
-        save(r, it, val)
-    return val
-
-
-def log_step(r, it, means, lr, norm, elapsed, steps, counts):
-    means = mean_over_ranks(means, r.world_size).tolist()
-    record = {"iter": it, "loss": means[0], **dict(zip(r.logged[1:], means[1:])), "lr": lr}
-    if counts is not None:  # load balance of this step's global batch: counts summed over ranks
-        if r.world_size > 1:
-            torch.distributed.all_reduce(counts)
-        stats = expert_balance_stats(counts)
-        record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
-    r.logger.record(**record)
-    ms = 1000 * elapsed / steps
-    tok_s = r.tokens_per_iter * steps / elapsed
-    parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in record.items() if k not in ("iter", "loss", "lr"))
-    mfu = f" mfu {100 * r.flops_per_token * tok_s / (r.peak * r.world_size):.1f}%" if r.peak else ""
-    r.say(f"iter {it}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
-          f"{ms:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
-
-
-def train_loop(r, start_iter):
-    cfg = r.cfg
-    if start_iter == 0:
-        evaluate_and_save(r, 0)
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not r.master, dynamic_ncols=True,
-                mininterval=1.0)
-    t0, steps = time.time(), 0
-    for it in range(start_iter, cfg.max_iters):
-        lr = get_lr(it, cfg)
-        for group in r.optimizer.param_groups:
-            group["lr"] = lr
-        means, norm, finite, counts = train_step(r, it)
-        if not finite:
-            handle_nonfinite(r, it, means, norm)
-        bar.update(1)
-        steps += 1
-        done = it + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            log_step(r, done, means, lr, norm.item(), time.time() - t0, steps, counts)
-            t0, steps = time.time(), 0
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            evaluate_and_save(r, done)
-            t0, steps = time.time(), 0  # keep evaluation out of the step timing
-    bar.close()
-
-
-class NonFiniteLoss(Exception):
-    """The loss or gradient became inf/NaN and on_nonfinite=stop: exit 3, checkpoint untouched."""
-
-
-def handle_nonfinite(r, it, means, norm):
-    if r.cfg.on_nonfinite == "skip":
-        r.say(f"warning: non-finite loss or gradient at step {it} (loss {means[0].item()}, norm {norm.item()}); "
-              f"step skipped")
-        return
-    raise NonFiniteLoss(f"non-finite loss or gradient at step {it} (loss {means[0].item()}, grad norm "
-                        f"{norm.item()}); stopped without saving, so {r.ckpt_path} still holds the last good "
-                        f"state. Lower --learning_rate, or pass --on_nonfinite=skip to skip such steps")
+            if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
+                means = sums / accum
+                if world_size > 1:  # log the global batch: average over processes
+                    dist.all_reduce(means)
+                    means /= world_size
+                means = means.tolist()
+                record = {"iter": it + 1, "loss": means[0], **dict(zip(logged[1:], means[1:])), "lr": lr}
+                if counts is not None:  # load balance of this step's global batch: counts summed over ranks
+                    if world_size > 1:
+                        dist.all_reduce(counts)
+                    stats = expert_balance_stats(counts)
+                    record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
+                if master:
+                    append_jsonl(log_path, record)
+                elapsed = time.time() - t0
+                tok_s = tokens_per_iter * timed_steps / elapsed
+                mfu = f" mfu {100 * flops['total'] * tok_s / (peak * world_size):.1f}%" if peak else ""
+                parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in record.items() if k not in ("iter", "loss", "lr"))
+                say(f"iter {it + 1}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm.item():.2f} "
+                    f"{1000 * elapsed / timed_steps:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
+                t0, timed_steps = time.time(), 0
+    if lock:
+        os.remove(lock)
 
 
 def main(argv):
+    """Run, and turn the expected failures into one line and an exit code: 2 for bad input, 3 for
+    a non-finite loss. Returns the exit code."""
     code = 0
     try:
         run(argv)
-    except UsageError as e:
+    except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        # Teardown order matters (gloo and NCCL abort the process if their threads are torn down
+        # while a peer still talks to them): wait until every rank is done with its last
+        # collective, then destroy the group, and only then let the interpreter exit.
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
     return code
 
 

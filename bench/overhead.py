@@ -2,8 +2,8 @@
 What NITP costs in training time, measured against plain next-token prediction on the same
 config, next to the analytic FLOPs share (spec, Appendix G). A benchmark, not a test.
 
-    python bench_overhead.py                       # a CPU-sized config
-    python bench_overhead.py --n_layer=12 --n_embd=768 --block_size=1024 --batch_size=8 --device=cuda --compile
+    python -m bench.overhead                       # a CPU-sized config
+    python -m bench.overhead --n_layer=12 --n_embd=768 --block_size=1024 --batch_size=8 --device=cuda --compile
 
 Both models are built, then training steps (forward, backward, AdamW) alternate NTP, NITP, NTP,
 ... so that both see the same machine load; the overhead is the median over rounds of the paired

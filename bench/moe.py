@@ -2,8 +2,8 @@
 Benchmark: one MoE layer's forward + backward against a dense SwiGLU layer of the same active width,
 and the grouped-matmul dispatch against the per-expert loop, measured side by side in one run.
 
-    python bench_moe.py                          # T=4096 tokens, D=256, expert width 128, fp32, CPU
-    python bench_moe.py --tokens=8192 --reps=9
+    python -m bench.moe                          # T=4096 tokens, D=256, expert width 128, fp32, CPU
+    python -m bench.moe --tokens=8192 --reps=9
 
 The dense layer's hidden width is (K + shared) * expert width, so both do the same matmul FLOPs per
 token; what the MoE adds is routing, sorting, gathering and smaller matmuls. "loop" is the same

@@ -258,7 +258,7 @@ def test_ddp_two_processes_with_idle_experts(tmp_path, expert_hidden):
     import subprocess
     import sys
     data = tiny_dataset(tmp_path / "data")
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(here, "train.py"), os.path.join(here, "config", "moe_tiny_cpu.py"),
            f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--n_layer=3", "--n_embd=32", "--n_head=2",

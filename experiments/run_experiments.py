@@ -1,0 +1,270 @@
+"""
+NTP against NITP and the paper's ablations: same data, same seeds, several seeds, one table.
+
+    python -m experiments.run_experiments                                   # ntp and nitp, 3 seeds, train.py defaults
+    python -m experiments.run_experiments --variants=ntp,nitp,same_position,no_stop_grad --seeds=3 -- --max_iters=300
+    python -m experiments.run_experiments --variants=all --out=experiments/ablation -- config/cpu_tiny.py
+
+Each (variant, seed) is one `python train.py` run into <out>/<variant>_s<seed>_<hash>/, where <hash>
+is a short hash of the run's effective settings (the variant's, the seed, --max_iters and every
+argument after `--`, config files read): changing any of them starts new runs, and the same ones
+reuse the finished runs. A run is finished when its log holds the evaluation at its own max_iters;
+an interrupted one resumes from its checkpoint. Arguments after `--` go to every run; the variant's
+own settings and the seed come after them, so they win.
+
+Then the probe (experiments/probe.py) runs on each final checkpoint (cached in the run folder), and
+the runner writes <out>/results.md, the final evaluation as mean ± std over seeds with the probe's
+retrieval recall@1 and MRR (a proxy for the paper's embedding evaluation, not MTEB), and, when
+matplotlib is installed, <out>/curves.png (val loss, auxiliary loss, effective rank and mean cosine
+against iteration). A progress bar counts training steps over the whole experiment.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import train
+from experiments import probe
+from model import CheckpointError, GPTConfig, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each variant is a list of train.py overrides; the names follow the paper's ablation table (spec, "Defaults").
+VARIANTS = {
+    "ntp": ["--nitp_weight=0"],  # next-token prediction only
+    "nitp": [],  # the method with the paper's defaults (target ~20% of depth, lambda 1.0, cosine)
+    "same_position": ["--nitp_shift=0"],  # temporal shift t -> t
+    "no_stop_grad": ["--nitp_stop_grad=false"],  # gradient flows into the target
+    "no_head": ["--nitp_proj=none"],  # compare h_t with the target directly
+    "layer0": ["--nitp_layer=0"],  # the embedding output as the target
+    "layer20": [],  # target at ~20%, ~50%, ~80% of depth: --nitp_layer set from n_layer (DEPTHS)
+    "layer50": [],
+    "layer80": [],
+    "lambda0.1": ["--nitp_weight=0.1"],
+    "lambda0.3": ["--nitp_weight=0.3"],
+    "lambda1.0": ["--nitp_weight=1.0"],
+    "mse": ["--nitp_loss=mse"],
+    "smooth_l1": ["--nitp_loss=smooth_l1"],
+    "generic_cosine": ["--nitp_loss=generic_cosine"],  # penalise pairwise cosine, no target (logs generic_cos)
+    "late_start": ["--nitp_start_iter=200"],  # NITP switched on later
+}
+DEPTHS = {"layer20": 0.2, "layer50": 0.5, "layer80": 0.8}
+PANELS = (("val_loss",), ("val_nitp", "val_generic_cos"), ("erank",), ("mean_cos",))  # curves.png
+
+
+def run_args(variant, seed, max_iters, extra):
+    """train.py's arguments for one run (without --out_dir; max_iters 0 = not set here) and its
+    effective (TrainConfig, model overrides). Raises train.UsageError for arguments train.py would refuse."""
+    argv = [*([f"--max_iters={max_iters}"] if max_iters else []), *extra, *VARIANTS[variant], f"--seed={seed}"]
+    if variant in DEPTHS:
+        n_layer = GPTConfig(**train.parse_args(argv)[1]).n_layer
+        argv.append(f"--nitp_layer={min(n_layer - 1, max(1, round(DEPTHS[variant] * n_layer)))}")
+    cfg, model_args = train.parse_args(argv)
+    return argv, cfg, model_args
+
+
+def settings_hash(cfg, model_args):
+    """8 hex digits of the effective settings: the same run however its arguments are spelled."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "init_from")}
+    blob = json.dumps({"train": settings, "model": model_args}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def read_records(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut short by a kill
+    return records
+
+
+def evaluations(out_dir):
+    return [r for r in read_records(out_dir) if "val_loss" in r]
+
+
+def is_finished(out_dir, max_iters):
+    """Whether the run in out_dir reached its own max_iters (its final evaluation is logged)."""
+    return os.path.isfile(os.path.join(out_dir, "ckpt.pt")) and any(r["iter"] == max_iters for r in evaluations(out_dir))
+
+
+def steps_done(out_dir):
+    return max([r["iter"] for r in read_records(out_dir) if "loss" in r], default=0)
+
+
+def run_one(out_dir, args, bar, done_before):
+    """One train.py run in a subprocess (its output to out_dir/stdout.txt), advancing the bar.
+    It runs in this process's folder, so relative paths mean the same to it and to the probe."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "stdout.txt"), "a") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            done = done_before + steps_done(out_dir)
+            if done != bar.n:
+                bar.update(done - bar.n)
+    if proc.returncode != 0:
+        sys.exit(f"error: run {out_dir} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
+
+
+def probe_run(job, n_docs):
+    """The probe's results for a finished run, cached in its folder as probe.json; {"error": why}
+    when the probe cannot run on its data (llm.c shards, no documents long enough, ...)."""
+    path = os.path.join(job["out_dir"], "probe.json")
+    key = {"iter": job["cfg"].max_iters, "docs": n_docs}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    try:
+        ckpt = load_checkpoint(os.path.join(job["out_dir"], "ckpt.pt"))
+        _, meta, val = probe.dataset_of(ckpt, job["out_dir"], "")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        result = probe.probe_model(probe.load_model(ckpt, device), val, meta["eot_token"], device, ctx, n_docs=n_docs)
+    except (probe.ProbeError, CheckpointError) as e:
+        print(f"notice: no probe for {job['out_dir']}: {e}")
+        result = {"error": str(e)}
+    result["key"] = key
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def final_metrics(job, probed):
+    """The last evaluation of a run, with the probe's recall@1 and MRR when it has them."""
+    final = dict(evaluations(job["out_dir"])[-1])
+    if probed and "retrieval" in probed:
+        final.update(recall_at_1=probed["retrieval"]["recall_at_1"], mrr=probed["retrieval"]["mrr"])
+    return final
+
+
+def summarise(rows):
+    """rows: [(variant, [final metrics of each seed])] -> a markdown table, mean ± std over seeds
+    (std needs 2+ seeds). Auxiliary-loss columns appear only where some variant logs them."""
+    present = {m for _, finals in rows for f in finals for m in f}
+    metrics = [m for m in ("val_loss", "val_nitp", "val_generic_cos", "erank", "mean_cos", "recall_at_1", "mrr")
+               if m in present or m in ("val_loss", "val_nitp", "erank", "mean_cos")]
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for v, finals in rows:
+        cells = []
+        for m in metrics:
+            values = [f[m] for f in finals if m in f]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.4f}")
+            else:
+                cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
+        lines.append(f"| {v} | {len(finals)} | " + " | ".join(cells) + " |")
+    note = ("\nrecall_at_1, mrr: the retrieval probe of experiments/probe.py, a proxy for the paper's embedding "
+            "evaluation (not MTEB): a held-out document's first half finds its second half by cosine of "
+            "mean-pooled final states.\n") if "recall_at_1" in metrics else ""
+    return "\n".join(lines) + "\n" + note
+
+
+def plot(runs_by_variant, path):
+    """runs_by_variant: [(variant, [evaluation records of each seed])]. -> True if written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("notice: matplotlib is not installed, so no plot (pip install matplotlib)")
+        return False
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for color, (v, runs) in enumerate(runs_by_variant):  # one colour per variant in every panel
+        for ax, keys in zip(axes, PANELS):
+            m = next((k for k in keys if k in runs[0][-1]), None)
+            if m is None:
+                continue
+            iters = [r["iter"] for r in runs[0]]
+            per_iter = list(zip(*[[r[m] for r in run] for run in runs]))  # (n_evals, n_seeds)
+            ax.plot(iters, [statistics.mean(x) for x in per_iter], label=v, color=f"C{color % 10}",
+                    linestyle="--" if m == "val_generic_cos" else "-")
+            ax.fill_between(iters, [min(x) for x in per_iter], [max(x) for x in per_iter], alpha=0.2,
+                            color=f"C{color % 10}")
+    for ax, keys in zip(axes, PANELS):
+        ax.set_title(" / ".join(keys))
+        ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"mean over {len(runs_by_variant[0][1])} seeds; band = min..max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv):
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--variants", default="ntp,nitp", help=f"comma-separated, or all; from: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N, the same for every variant")
+    p.add_argument("--out", default="experiments", help="folder for the runs, the table and the plot")
+    p.add_argument("--max_iters", type=int, default=0,
+                   help="training steps per run; 0 = train.py's default or the config file's (one after -- wins)")
+    p.add_argument("--probe_docs", type=int, default=256, help="documents for the retrieval probe; 0 = no probe")
+    args = p.parse_args(argv)
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (or all)")
+    if args.seeds < 1 or args.probe_docs == 1 or args.probe_docs < 0:
+        sys.exit(f"error: --seeds={args.seeds} must be >= 1 and --probe_docs={args.probe_docs} 0 or >= 2")
+    jobs = []
+    for v in variants:
+        for s in range(1, args.seeds + 1):
+            try:
+                run_argv, cfg, model_args = run_args(v, s, args.max_iters, extra)
+            except train.UsageError as e:
+                sys.exit(f"error: the arguments of {v} seed {s} are refused by train.py: {e}")
+            out_dir = os.path.abspath(os.path.join(args.out, f"{v}_s{s}_{settings_hash(cfg, model_args)}"))
+            jobs.append({"variant": v, "seed": s, "argv": run_argv, "cfg": cfg, "out_dir": out_dir})
+    bar = tqdm(total=sum(j["cfg"].max_iters for j in jobs), desc="experiment", unit="step", dynamic_ncols=True)
+    done_before = 0
+    for job in jobs:
+        out_dir, max_iters = job["out_dir"], job["cfg"].max_iters
+        if not is_finished(out_dir, max_iters):
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "args.json"), "w") as f:  # for a reader: what this folder holds
+                json.dump({"variant": job["variant"], "seed": job["seed"], "argv": job["argv"]}, f, indent=2)
+            resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+            if not resume and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+                os.remove(os.path.join(out_dir, "log.jsonl"))  # no checkpoint: start over, cleanly
+            run_one(out_dir, [*job["argv"], f"--init_from={'resume' if resume else 'scratch'}"], bar, done_before)
+        done_before += max_iters
+        bar.update(done_before - bar.n)
+    bar.close()
+    rows, curves = [], []
+    for v in variants:
+        mine = [j for j in jobs if j["variant"] == v]
+        rows.append((v, [final_metrics(j, probe_run(j, args.probe_docs) if args.probe_docs else None) for j in mine]))
+        curves.append((v, [evaluations(j["out_dir"]) for j in mine]))
+    table = summarise(rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    if plot(curves, os.path.join(args.out, "curves.png")):
+        print(f"wrote {os.path.join(args.out, 'results.md')} and {os.path.join(args.out, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
