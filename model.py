@@ -439,6 +439,8 @@ class MoE(nn.Module):
         order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
         token = order // K  # (N,) the token of each sorted pair
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        # On CUDA index_add_ (and index_select's backward) add with atomics, so the last bits vary from
+        # run to run; torch.use_deterministic_algorithms(True) makes them deterministic, slower.
         # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
         # rows (and their backward the other one), about half the time of advanced indexing on CPU.
         x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
@@ -521,10 +523,12 @@ GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (
 
 
 def _grouped_mm_fits(a, b):
-    """torch._grouped_mm's eager kernels (CPU, and CUDA through its fallback) take fp32, bf16 and
-    fp16 alike (no float64: that takes the loop), but need every row stride to be a multiple of 16 bytes."""
+    """torch._grouped_mm takes fp32, bf16 and fp16 (float64 takes the loop); its fast CUDA kernel
+    is bf16 on compute capability 9.x/10.x, other cases run torch's own per-group fallback. Row
+    strides and (on CUDA) data pointers must be multiples of 16 bytes."""
     return (GROUPED_MM and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1))))
+            and all(n * a.element_size() % 16 == 0 for n in (a.size(-1), b.size(-1)))
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
 def _spans(offs):
@@ -552,7 +556,9 @@ def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> 
     """Weight gradient of expert_mm: x[rows of e]^T @ grad[rows of e], (N, I), (N, O) -> (E, I, O).
     An expert without rows gets an exact zero, so DDP needs no find_unused_parameters."""
     if _grouped_mm_fits(x, grad):
-        return torch._grouped_mm(x.t(), grad, offs=offs)
+        # Some CUDA kernels leave an empty group's output unwritten (pytorch#172439): zero it here.
+        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0  # (E,)
+        return torch._grouped_mm(x.t(), grad, offs=offs).masked_fill(empty[:, None, None], 0)
     return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
 
 

@@ -13,8 +13,8 @@ out_dir/log.jsonl (one JSON record per line), out_dir/ckpt.pt (replaced atomical
 out_dir/config.json. `--init_from=resume` continues from ckpt.pt with the same data order, random
 state and loss scale, so a resumed run ends where an uninterrupted one would have.
 
-Reading order: the config; small pure helpers (command line, data, schedule, evaluation); then
-run(): the setup, and the training loop in the order things happen.
+Reading order: the config; small pure helpers (command line, data, schedule, evaluation, the
+out_dir); then run(): the setup, and the training loop in the order things happen.
 """
 import argparse
 import ast
@@ -36,8 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint,
-                   save_checkpoint)
+from model import GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint, save_checkpoint
 from nitp import effective_rank, mean_pairwise_cosine
 
 
@@ -81,31 +80,26 @@ class TrainConfig:
     nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):
+        at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "max_iters": 1, "eval_interval": 1,
+                    "eval_iters": 1, "log_interval": 1, "total_batch_size": 0, "warmup_iters": 0, "lr_decay_iters": 0,
+                    "seed": 0, "nitp_start_iter": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "peak_flops": 0}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}={value} must be a finite number")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                     "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("total_batch_size", "warmup_iters", "lr_decay_iters", "seed", "nitp_start_iter", "min_lr",
-                     "weight_decay", "grad_clip", "peak_flops"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+            if value < at_least.get(f.name, value):
+                raise ValueError(f"{f.name}={value} must be >= {at_least[f.name]}")
         choices = {"init_from": ("scratch", "resume"), "lr_schedule": ("wsd", "cosine"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"), "on_nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or
-                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not (self.device[:5] == "cuda:" and self.device[5:].isdigit()):
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
-            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), decay_frac="
-                             f"{self.decay_frac} in [0, 1]")
+            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1), decay_frac={self.decay_frac} in [0, 1]")
 
 
 class UsageError(Exception):
@@ -119,6 +113,10 @@ class NonFiniteLoss(Exception):
 MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite=skip: more skipped steps than this in a row means broken weights
 LLMC_VOCAB = 50257  # GPT-2's vocabulary, what llm.c's shards hold
 TOKEN_DTYPES = ("uint16", "uint32")  # what prepare_data.py writes (meta.json "dtype")
+# Dense bf16 tensor-core peaks (FLOP/s, datasheets) by device-name fragment, most specific first, for MFU.
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H100 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
+                   "H800": 989e12, "B200": 2.25e15, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+                   "L4": 121e12, "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 # ----------------------------------------------------------------------------------------------
 # command line: python train.py [config/file.py ...] [--key=value ...]
@@ -130,7 +128,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def converter(name, typ):
-    """--name's text -> typ, with an error that says what was expected."""
+    """--name's text (or a config file's literal) -> typ, with an error that says what was expected."""
     def convert(text):
         text = str(text)
         if typ is str:
@@ -144,6 +142,11 @@ def converter(name, typ):
             pass
         raise argparse.ArgumentTypeError(f"--{name}={text}: expected {'true/false' if typ is bool else typ.__name__}")
     return convert
+
+
+def did_you_mean(key, names):
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean --{close[0]}?)" if close else " (see TrainConfig in train.py and GPTConfig in model.py)"
 
 
 def read_config_file(path, fields):
@@ -171,11 +174,6 @@ def read_config_file(path, fields):
     return values
 
 
-def did_you_mean(key, names):
-    close = difflib.get_close_matches(key, names, n=1)
-    return f" (did you mean --{close[0]}?)" if close else " (see TrainConfig in train.py and GPTConfig in model.py)"
-
-
 def parse_args(argv):
     """-> (TrainConfig, dict of GPTConfig overrides). Config files in order, then the flags."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)}
@@ -186,8 +184,8 @@ def parse_args(argv):
                             metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        key = unknown[0].lstrip("-").partition("=")[0]
-        raise UsageError(f"unknown knob or argument '{unknown[0]}'{did_you_mean(key, fields)}")
+        raise UsageError(f"unknown knob or argument '{unknown[0]}'"
+                         f"{did_you_mean(unknown[0].lstrip('-').partition('=')[0], fields)}")
     values = {}
     for path in args.config_files:
         values.update(read_config_file(path, fields))
@@ -203,7 +201,8 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: the files prepare_data.py writes (meta.json + flat ids) and llm.c shards, read here
+# data: what prepare_data.py writes (meta.json + flat ids), and llm.c shards
+
 
 def read_meta(data_dir):
     """The dataset folder's meta.json, checked for what training needs: vocab_size and dtype."""
@@ -222,7 +221,7 @@ def read_meta(data_dir):
         problem = "it is not a JSON object"
     elif meta.get("dtype") not in TOKEN_DTYPES:
         problem = f"dtype {meta.get('dtype')!r} is not one of {TOKEN_DTYPES}"
-    elif not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+    elif type(vocab) is not int or vocab < 1:
         problem = f"vocab_size {vocab!r} is not a positive integer"
     else:
         return meta
@@ -231,11 +230,9 @@ def read_meta(data_dir):
 
 def load_split(data_dir, split, meta):
     """One split's token ids ("train" or "val") as a read-only little-endian memmap."""
-    path = os.path.join(data_dir, f"{split}.bin")
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
-    promised = meta.get(f"{split}_tokens")
-    if size == 0 or size % dtype.itemsize or (isinstance(promised, int) and size != promised * dtype.itemsize):
+    path, dtype = os.path.join(data_dir, f"{split}.bin"), np.dtype(meta["dtype"]).newbyteorder("<")
+    size, promised = os.path.getsize(path) if os.path.isfile(path) else 0, meta.get(f"{split}_tokens")
+    if size == 0 or size % dtype.itemsize or (type(promised) is int and size != promised * dtype.itemsize):
         raise UsageError(f"{path} is missing, empty or not the {promised} tokens meta.json promises: "
                          f"rebuild the dataset with prepare_data.py")
     return np.memmap(path, dtype=dtype, mode="r")
@@ -265,13 +262,11 @@ class ShardedTokens:
         return int(self.starts[-1])
 
     def __getitem__(self, window):
-        first = int(np.searchsorted(self.starts, window.start, side="right")) - 1
-        pieces, pos = [], window.start
+        i, pieces, pos = int(np.searchsorted(self.starts, window.start, side="right")) - 1, [], window.start
         while pos < window.stop:
-            take = self.shards[first][pos - self.starts[first]:window.stop - self.starts[first]]
-            pieces.append(take)
-            pos, first = pos + len(take), first + 1
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            pieces.append(self.shards[i][pos - self.starts[i]:window.stop - self.starts[i]])
+            pos, i = pos + len(pieces[-1]), i + 1
+        return np.concatenate(pieces)
 
 
 def load_data(cfg):
@@ -279,12 +274,12 @@ def load_data(cfg):
     if cfg.train_shards or cfg.val_shards:
         if not (cfg.train_shards and cfg.val_shards):
             raise UsageError("give both --train_shards and --val_shards (globs of llm.c .bin shards)")
-        meta = {"vocab_size": LLMC_VOCAB, "tokenizer": "gpt2"}  # llm.c's shards hold GPT-2 ids
+        meta = {"vocab_size": LLMC_VOCAB, "tokenizer": "gpt2", "eot_token": 50256}  # llm.c's shards hold GPT-2 ids
         return ShardedTokens(cfg.train_shards), ShardedTokens(cfg.val_shards), meta, cfg.train_shards
     data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
     meta = read_meta(data_dir)
     train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    # An id >= vocab_size would fail deep inside the first forward pass: check it now, in 16M-id chunks.
+    # An id >= vocab_size would fail deep inside the first forward pass: check now, in 16M-id chunks.
     top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
     if top >= meta["vocab_size"]:
         raise UsageError(f"{data_dir} holds token id {top} but its meta.json says vocab_size={meta['vocab_size']}: "
@@ -296,15 +291,14 @@ def batch_offsets(n_tokens, block_size, batch_size, seed, step, micro):
     """Start offsets of one micro-batch: a pure function of (seed, step, global micro-batch index).
     No sampler state to save, the same tokens whatever the number of processes, and rank r's
     micro-step m reads global micro-batch r * accumulation + m, so ranks read different data."""
-    rng = np.random.default_rng([seed, step, micro])
-    return rng.integers(0, n_tokens - block_size - 1, size=batch_size)
+    return np.random.default_rng([seed, step, micro]).integers(0, n_tokens - block_size - 1, size=batch_size)
 
 
 def get_batch(data, offsets, block_size, device):
     """Inputs x and targets y (B, T): y is x shifted left by one token."""
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))  # (B, T+1)
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+    if device.type == "cuda":  # pinned host memory: the copy does not wait for the GPU to be idle
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -316,7 +310,7 @@ def val_offsets(n_tokens, block_size, batch_size, eval_iters):
 
 
 # ----------------------------------------------------------------------------------------------
-# learning rate, evaluation, checkpoints
+# schedule, evaluation, the out_dir
 
 
 def get_lr(it, cfg):
@@ -330,9 +324,7 @@ def get_lr(it, cfg):
         return cfg.min_lr
     if cfg.lr_schedule == "wsd":
         decay_start = total - int(cfg.decay_frac * total)
-        if it < decay_start:
-            return cfg.learning_rate
-        frac = (it - decay_start + 1) / (total - decay_start)
+        frac = max(0, it - decay_start + 1) / max(1, total - decay_start)
         return cfg.learning_rate + frac * (cfg.min_lr - cfg.learning_rate)
     frac = (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
@@ -376,49 +368,38 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
 
 def lock_out_dir(out_dir):
     """Create out_dir and take its lock: a file holding our host and PID, created exclusively. A
-    lock left by a process that is gone (same host) is taken over. -> the lock file's path."""
-    path = os.path.join(out_dir, "train.lock")
+    lock whose process is gone (same host) is taken over. -> the lock file's path."""
+    path, me = os.path.join(out_dir, "train.lock"), socket.gethostname()
     try:
         os.makedirs(out_dir, exist_ok=True)
         for _ in range(2):
             try:
                 with open(path, "x") as f:
-                    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                    f.write(f"{me} {os.getpid()}\n")
                 return path
             except FileExistsError:
                 host, _, pid = open(path).read().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or
-                                                                       not process_alive(int(pid))):
-                    os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
-                    continue
-                raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait for "
-                                 f"it, pick another --out_dir, or delete {path} if that run is gone") from None
+                try:  # signal 0 only asks whether the process exists
+                    alive = host != me or (pid.isdigit() and int(pid) != os.getpid() and os.kill(int(pid), 0) is None)
+                except ProcessLookupError:
+                    alive = False
+                if alive:
+                    raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait "
+                                     f"for it, pick another --out_dir, or delete {path} if that run is gone") from None
+                os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
     except OSError as e:
         raise UsageError(f"cannot use out_dir {out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def trim_log(path, last_iter):
     """Drop log records past the checkpoint's step (a crash after it left them; the resumed run
     writes them again), atomically, so that after a resume the log reads as one run."""
-    if not os.path.exists(path):
-        return
     with open(path) as f:
         lines = f.readlines()
     keep = []
     for line in lines:
         try:
-            if json.loads(line)["iter"] <= last_iter:
-                keep.append(line)
+            keep += [line] if json.loads(line)["iter"] <= last_iter else []
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by the crash
     if len(keep) < len(lines):
@@ -451,69 +432,33 @@ def check_resume(ckpt, mcfg, cfg, path, say):
 # ----------------------------------------------------------------------------------------------
 # devices and processes
 
-def setup_distributed():
-    """-> (rank, local_rank, world_size). torchrun sets RANK; a plain `python` run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
 
 def pick_device(requested, local_rank, world_size):
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device={requested} but this machine has no CUDA GPU usable by torch "
-                         f"{torch.__version__}: use --device=cpu (or auto)")
+        raise UsageError(f"--device={requested} but torch {torch.__version__} sees no CUDA GPU here: use --device=cpu")
     if requested == "mps" and not mps:
-        raise UsageError("--device=mps but MPS is not available here: use --device=cpu (or auto)")
-    if requested == "cuda":
-        requested = f"cuda:{local_rank}"
-    device = torch.device(requested)
+        raise UsageError("--device=mps but MPS is not available here: use --device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in float32
     return device
 
 
 def pick_dtype(requested, device, say):
     """The autocast dtype; one the device cannot do falls back to float32 with a notice."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    dtype = getattr(torch, requested)
-    if dtype != torch.float32 and device.type != "cuda":
-        say(f"notice: dtype={requested} is not used on {device.type}; training in float32")
+        return torch.bfloat16 if bf16 else torch.float32
+    if requested != "float32" and device.type != "cuda" or requested == "bfloat16" and not bf16:
+        say(f"notice: dtype={requested} is not supported on this {device.type} device; training in float32")
         return torch.float32
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        say("notice: this GPU has no bfloat16; training in float32 (or pass --dtype=float16)")
-        return torch.float32
-    return dtype
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU on CUDA.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
-
-
-def peak_flops(cfg, device):
-    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU)."""
-    if cfg.peak_flops > 0:
-        return cfg.peak_flops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def git_hash():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return getattr(torch, requested)
 
 
 def build_model_config(model_args, meta):
@@ -525,16 +470,27 @@ def build_model_config(model_args, meta):
     return GPTConfig(**{"vocab_size": 64 * math.ceil(data_vocab / 64), **model_args})
 
 
+def git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
+
 
 def run(argv):
     # --- setup: knobs, processes, device, data, model, optimizer, resume state
     cfg, model_args = parse_args(argv)
-    rank, local_rank, world_size = setup_distributed()
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(cfg.device, local_rank, world_size)
+    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
-    device = pick_device(cfg.device, local_rank, world_size)
     ptdtype = pick_dtype(cfg.dtype, device, say)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
     train_data, val_data, meta, data_where = load_data(cfg)
@@ -542,9 +498,8 @@ def run(argv):
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
         raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {data_where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
-    accum = cfg.gradient_accumulation_steps
+    accum, per_micro = cfg.gradient_accumulation_steps, cfg.batch_size * mcfg.block_size * world_size
     if cfg.total_batch_size:
-        per_micro = cfg.batch_size * mcfg.block_size * world_size
         if cfg.total_batch_size % per_micro:
             raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size*block_size*"
                              f"world_size = {per_micro} tokens: make it one")
@@ -577,21 +532,23 @@ def run(argv):
         else:
             say(f"notice: resuming with {world_size} processes instead of {ckpt.get('world_size')}: the random "
                 f"state is re-seeded; the data order is unchanged only if the global batch is")
-        if master:
+        if master and os.path.exists(log_path):
             trim_log(log_path, start_iter)
         del ckpt
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    train_model = model
+    train_model = model  # compile first, then wrap in DDP
     if world_size > 1:  # the RoPE tables are buffers every rank computes itself: nothing to broadcast
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    tokens_per_iter = cfg.batch_size * mcfg.block_size * accum * world_size
+    tokens_per_iter = per_micro * accum
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
     val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
-    flops, peak = flops_per_token(mcfg), peak_flops(cfg, device)
+    flops = flops_per_token(mcfg)
+    peak = cfg.peak_flops or (device.type == "cuda" and next(
+        (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
@@ -603,33 +560,30 @@ def run(argv):
         f"at inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; "
         f"nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} nitp_loss={mcfg.nitp_loss}")
 
-    # --- the training loop: one optimizer step per iteration; evaluation and checkpoint at its end
+    # --- the training loop: `it` counts optimizer steps taken; evaluation and checkpoint come first
     skipped = 0  # consecutive skipped (non-finite) steps
     t0, timed_steps = time.time(), 0
     with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
-        for it in range(start_iter, cfg.max_iters + 1):  # it = optimizer steps taken so far
+        for it in range(start_iter, cfg.max_iters + 1):
             if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
                 val = evaluate(model, val_data, val_windows, mcfg.block_size, ctx, device,
                                mcfg.aux_name if mcfg.nitp else None, rank, world_size)
                 if master:
-                    x, _ = get_batch(val_data, val_windows[0], mcfg.block_size, device)
-                    val.update(geometry(raw_model, x, ctx))
+                    val.update(geometry(raw_model, get_batch(val_data, val_windows[0], mcfg.block_size, device)[0], ctx))
                     append_jsonl(log_path, {"iter": it, **val})
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                # Every rank takes part in the gather; rank 0 saves them all, so dropout resumes exactly.
+                # Every rank's random state, gathered by all (a collective), saved by rank 0: dropout resumes exactly.
                 rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-                rng_states = [rng]
+                rng_states = [rng] * world_size
                 if world_size > 1:
-                    rng_states = [None] * world_size
                     dist.all_gather_object(rng_states, rng)
                 if master and it > 0 and skipped:
                     say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
                 elif master and it > 0:
                     save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                        "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
-                        "rng_states": rng_states, "world_size": world_size,
+                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "iter_num": it,
+                        "val": val, "rng_states": rng_states, "world_size": world_size,
                         "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
@@ -638,8 +592,8 @@ def run(argv):
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # A late NITP start (paper ablation) as a weight tensor: 0 before nitp_start_iter, lambda
-            # after; a tensor, not a float, so the compiled graph is not rebuilt when it switches.
+            # A late NITP start (paper ablation) as a weight tensor, 0 before nitp_start_iter and lambda
+            # after: a tensor, not a float, so the compiled graph is not rebuilt when it switches.
             weight = {}
             if mcfg.nitp and cfg.nitp_start_iter:
                 weight = {"nitp_weight": torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)}
@@ -647,8 +601,7 @@ def run(argv):
             for micro in range(accum):
                 if world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
                     train_model.require_backward_grad_sync = micro == accum - 1
-                offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it,
-                                        rank * accum + micro)
+                offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it, rank * accum + micro)
                 x, y = get_batch(train_data, offsets, mcfg.block_size, device)
                 with ctx:
                     _, losses = train_model(x, y, **weight)
@@ -669,8 +622,7 @@ def run(argv):
             optimizer.zero_grad(set_to_none=True)
             skipped = 0 if finite else skipped + 1
             if not finite:
-                what = (f"non-finite loss or gradient at step {it + 1} (loss {sums[0].item() / accum:.4g}, grad norm "
-                        f"{norm.item():.4g})")
+                what = f"non-finite loss or gradient at step {it + 1} (loss {sums[0] / accum:.4g}, grad norm {norm:.4g})"
                 keep = f"stopped without saving, so {ckpt_path} still holds the last good state"
                 if cfg.on_nonfinite == "stop" and not scaler.is_enabled():
                     raise NonFiniteLoss(f"{what}; {keep}. Lower --learning_rate, or pass --on_nonfinite=skip")
@@ -693,6 +645,8 @@ def run(argv):
                         dist.all_reduce(counts)
                     stats = expert_balance_stats(counts)
                     record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
+                if device.type == "cuda":
+                    record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if master:
                     append_jsonl(log_path, record)
                 elapsed = time.time() - t0
@@ -700,7 +654,7 @@ def run(argv):
                 mfu = f" mfu {100 * flops['total'] * tok_s / (peak * world_size):.1f}%" if peak else ""
                 parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in record.items() if k not in ("iter", "loss", "lr"))
-                say(f"iter {it + 1}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm.item():.2f} "
+                say(f"iter {it + 1}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
                     f"{1000 * elapsed / timed_steps:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
     if lock:
@@ -708,8 +662,7 @@ def run(argv):
 
 
 def main(argv):
-    """Run, and turn the expected failures into one line and an exit code: 2 for bad input, 3 for
-    a non-finite loss. Returns the exit code."""
+    """Run, and turn the expected failures into one line and an exit code (2 bad input, 3 non-finite)."""
     code = 0
     try:
         run(argv)
@@ -720,9 +673,9 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         code = 3
     if dist.is_initialized():
-        # Teardown order matters (gloo and NCCL abort the process if their threads are torn down
-        # while a peer still talks to them): wait until every rank is done with its last
-        # collective, then destroy the group, and only then let the interpreter exit.
+        # A rank that destroys its process group while a peer is still inside a collective (rank 0
+        # writing the last checkpoint, say) can die at exit in gloo's/NCCL's C++ teardown ("terminate
+        # called without an active exception", SIGABRT): so first wait for every rank, then destroy.
         if code == 0:
             dist.barrier()
         dist.destroy_process_group()

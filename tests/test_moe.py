@@ -3,7 +3,7 @@ Tests of the mixture-of-experts layer in model.py: each checks a property that b
 is wrong (equality with a per-token reference, a closed-form loss, a zero gradient, compiled ==
 eager, a two-process run). CPU, tiny shapes.
 
-    python -m pytest -q test_moe.py                 # under a minute on 2 cores
+    python -m pytest -q tests/test_moe.py                 # under a minute on 2 cores
 
 Shape legend as in model.py: T tokens, E routed experts, K experts per token, D width, H expert width.
 """
@@ -147,6 +147,36 @@ def test_balance_loss_reaches_the_router_and_the_total():
     losses["moe_aux"].backward()
     for i in (1, 2):  # block 0 is dense (n_dense_layers=1)
         assert gpt.transformer.h[i].mlp.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_layer", [3, 5])  # 2 and 4 MoE layers
+def test_moe_aux_is_the_mean_of_the_per_layer_balance_losses(n_layer):
+    cfg = moe_config(8, 2, n_layer=n_layer)
+    torch.manual_seed(0)
+    gpt = GPT(cfg)
+    per_layer = []  # each MoE layer's own (balance loss, counts), seen from outside
+    for block in gpt.transformer.h[1:]:
+        block.mlp.register_forward_hook(lambda m, i, o: per_layer.append(o[1][0]))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    _, losses = gpt(idx, idx)
+    assert len(per_layer) == n_layer - 1 and len(set(float(v) for v in per_layer)) > 1
+    torch.testing.assert_close(losses["moe_aux"], torch.stack(per_layer).mean())
+    with torch.no_grad():  # uniform scores: the balance loss is 1 in every layer, so the mean is 1 too
+        for block in gpt.transformer.h[1:]:
+            block.mlp.router.weight.zero_()
+    assert gpt(idx, idx)[1]["moe_aux"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_float64_moe_takes_the_loop_and_matches_float32():
+    cfg = moe_config(8, 2, n_layer=3)
+    torch.manual_seed(0)
+    gpt = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    logits32 = gpt(idx)[0]
+    logits64, losses = gpt.double()(idx, idx)  # _grouped_mm has no float64 kernel
+    assert logits64.dtype == torch.float64
+    torch.testing.assert_close(logits64.float(), logits32, atol=1e-4, rtol=1e-4)
+    losses["total"].backward()
 
 
 def test_expert_counts_in_the_loss_dict():
