@@ -203,18 +203,13 @@ class Block(nn.Module):
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, routing=None):
-        """routing: a list an MoE block appends its (balance loss, expert counts) to. An argument
-        rather than a second return value, so a block still maps a tensor to a tensor (forward
-        hooks, the NITP target); not module state, so compiled and DDP models see plain outputs."""
+    def forward(self, x, cos, sin):
+        """-> (x, moe_stats): the new residual stream (B, T, C), and an MoE block's (balance loss,
+        expert counts) or None. Returned, not kept as module state or appended to an argument, so
+        that compiled, DDP and FSDP models (FSDP rebuilds argument lists) all pass them through."""
         x = x + self.attn(self.ln_1(x), cos, sin)
-        if self.is_moe:
-            y, stats = self.mlp(self.ln_2(x))
-            if routing is not None:
-                routing.append(stats)
-        else:
-            y = self.mlp(self.ln_2(x))
-        return x + F.dropout(y, p=self.dropout, training=self.training)
+        y, stats = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
+        return x + F.dropout(y, p=self.dropout, training=self.training), stats
 
 
 
@@ -266,7 +261,9 @@ class GPT(nn.Module):
         z = x if cfg.nitp_layer == 0 else None
         routing = []  # (balance loss, expert counts) of each MoE block
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, routing)
+            x, stats = block(x, cos, sin)
+            if stats is not None:
+                routing.append(stats)
             if i + 1 == cfg.nitp_layer:
                 z = x
         return z, self.transformer.ln_f(x), routing

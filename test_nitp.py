@@ -84,7 +84,7 @@ def test_target_gets_no_gradient():
 def hooked_states(model, idx, k):
     seen = {}
     src = model.transformer.wte if k == 0 else model.transformer.h[k - 1]
-    hooks = [src.register_forward_hook(lambda m, i, o: seen.__setitem__("z", o)),
+    hooks = [src.register_forward_hook(lambda m, i, o: seen.__setitem__("z", o if k == 0 else o[0])),
              model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))]
     model(idx)
     for h in hooks:

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 from model import GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint, save_checkpoint
@@ -74,6 +77,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
     compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state (for models DDP cannot fit)
     seed: int = 1337  # weights, data order and dropout; >= 0
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
     peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
@@ -357,10 +361,14 @@ def evaluate(model, data, offsets, block_size, ctx, device, aux_name=None, rank=
 def geometry(raw_model, x, ctx, max_tokens=8192):
     """erank and mean_cos (spec, Appendix D) of the final states h_t of the batch x, at most
     max_tokens of them. Evaluation only: training keeps no hidden states around."""
+    seen = []  # through a hook in a forward call, not trunk(): FSDP gathers sharded weights in forward only
+    hook = raw_model.transformer.ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
     raw_model.eval()
     with ctx:
-        _, h, _ = raw_model.trunk(x)
+        raw_model(x)
     raw_model.train()
+    hook.remove()
+    h = seen[0]  # (B, T, C)
     states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
     states = states[::max(1, states.size(0) // max_tokens)][:max_tokens]
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
@@ -489,6 +497,8 @@ def run(argv):
     device = pick_device(cfg.device, local_rank, world_size)
     if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    elif cfg.fsdp:
+        raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
     master = rank == 0
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     ptdtype = pick_dtype(cfg.dtype, device, say)
@@ -515,13 +525,22 @@ def run(argv):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(mcfg).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # full tensors, before any sharding
+    if cfg.fsdp:  # one all-gather per block in forward and one reduce-scatter in backward; the root holds the rest
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            if cfg.compile:
+                block.compile()  # per block: FSDP's hooks stay outside the compiled graphs
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # embeddings, ln_f, lm_head, nitp_head
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
     start_iter = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:  # the file holds full, name-keyed state: it loads with or without FSDP
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_iter = ckpt["iter_num"]
@@ -536,10 +555,10 @@ def run(argv):
             trim_log(log_path, start_iter)
         del ckpt
     raw_model = model
-    if cfg.compile:
+    if cfg.compile and not cfg.fsdp:
         model = torch.compile(model)
     train_model = model  # compile first, then wrap in DDP
-    if world_size > 1:  # the RoPE tables are buffers every rank computes itself: nothing to broadcast
+    if world_size > 1 and not cfg.fsdp:  # the RoPE tables are buffers every rank computes itself: nothing to broadcast
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 
@@ -566,10 +585,12 @@ def run(argv):
     with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
         for it in range(start_iter, cfg.max_iters + 1):
             if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
+                # Under FSDP every forward is a collective: each rank evaluates every batch (and the geometry).
                 val = evaluate(model, val_data, val_windows, mcfg.block_size, ctx, device,
-                               mcfg.aux_name if mcfg.nitp else None, rank, world_size)
-                if master:
+                               mcfg.aux_name if mcfg.nitp else None, *((0, 1) if cfg.fsdp else (rank, world_size)))
+                if master or cfg.fsdp:
                     val.update(geometry(raw_model, get_batch(val_data, val_windows[0], mcfg.block_size, device)[0], ctx))
+                if master:
                     append_jsonl(log_path, {"iter": it, **val})
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 # Every rank's random state, gathered by all (a collective), saved by rank 0: dropout resumes exactly.
@@ -577,11 +598,15 @@ def run(argv):
                 rng_states = [rng] * world_size
                 if world_size > 1:
                     dist.all_gather_object(rng_states, rng)
-                if master and it > 0 and skipped:
+                if it > 0 and skipped:
                     say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
-                elif master and it > 0:
+                elif it > 0:  # full tensors keyed by parameter name (gathered from the shards under FSDP) on rank 0
+                    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                    states = get_model_state_dict(raw_model, options=options), get_optimizer_state_dict(
+                        raw_model, optimizer, options=options)
+                if master and it > 0 and not skipped:
                     save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "model": states[0], "optimizer": states[1], "scaler": scaler.state_dict(),
                         "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "iter_num": it,
                         "val": val, "rng_states": rng_states, "world_size": world_size,
                         "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
@@ -599,7 +624,9 @@ def run(argv):
                 weight = {"nitp_weight": torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)}
             sums = counts = None
             for micro in range(accum):
-                if world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
+                if cfg.fsdp:  # reduce-scatter gradients on the last micro-step only
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                elif world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
                     train_model.require_backward_grad_sync = micro == accum - 1
                 offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it, rank * accum + micro)
                 x, y = get_batch(train_data, offsets, mcfg.block_size, device)
@@ -614,6 +641,7 @@ def run(argv):
                     counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
             # One host sync per step: a non-finite update must never reach the weights (or a checkpoint).
             finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(sums).all())
             if finite or scaler.is_enabled():  # float16's scaler skips a bad step itself and lowers its scale

@@ -7,7 +7,7 @@ runs, exact resume, checkpoints, failures and bad input, and DDP with 2 CPU proc
 import hashlib
 import json
 import os
-import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,6 +415,7 @@ TRAIN_CASES = {  # name: (setup(tmp_path) -> extra args, args, a fragment of the
                                   "cannot use out_dir"),
     "config file not UTF-8": (lambda t: [(t / "c.py").write_bytes(b"n_layer = 2 # \xff\xfe\n") and str(t / "c.py")], [],
                               "not UTF-8"),
+    "fsdp without torchrun": (None, ["--fsdp=true"], "torchrun"),
     "config file with code": (lambda t: [(t / "c.py").write_text("import os\n") and str(t / "c.py")], [],
                               "only `key = value` lines"),
 }
@@ -579,3 +580,35 @@ def test_ddp_syncs_gradients_on_the_last_micro_step_only(data_dir, tmp_path):
     for rank in (0, 1):
         flags = json.loads((tmp_path / f"flags{rank}.json").read_text())
         assert flags == [False, False, True] * 2
+
+
+def assert_same_logs(a, b, rel=1e-5):
+    for x, y in zip(sum(read_log(a), []), sum(read_log(b), [])):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=rel, abs=1e-6) for k in x), (x, y)
+    assert [len(r) for r in read_log(a)] == [len(r) for r in read_log(b)]
+
+
+def test_fsdp_equals_ddp_resumes_exactly_and_loads_without_fsdp(data_dir, ddp_run, tmp_path):
+    """FSDP2 shards the same computation DDP replicates: same losses to float tolerance. Its
+    checkpoint holds full tensors, so it resumes under FSDP and in one process alike."""
+    common = [f"--data_dir={data_dir}", "--eval_interval=3", "--gradient_accumulation_steps=2", "--lr_decay_iters=6",
+              "--fsdp=true"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(*common, f"--out_dir={straight}", "--max_iters=6")
+    assert_same_logs(straight, ddp_run)
+    torchrun(*common, f"--out_dir={split}", "--max_iters=3")
+    shutil.copytree(split, tmp_path / "single")
+    torchrun(*common, f"--out_dir={split}", "--max_iters=6", "--init_from=resume")
+    assert_same_logs(split, straight, rel=1e-6)
+    # one process with twice the accumulation continues the FSDP checkpoint as DDP would
+    assert run_train(f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'single'}", "--eval_interval=3",
+                     "--gradient_accumulation_steps=4", "--lr_decay_iters=6", "--max_iters=6", "--init_from=resume") == 0
+    assert_same_logs(tmp_path / "single", ddp_run)
+
+
+def test_fsdp_equals_ddp_for_an_moe_model(data_dir, tmp_path):
+    moe = [f"--data_dir={data_dir}", "--n_layer=3", "--n_experts=8", "--moe_top_k=2", "--expert_hidden=16",
+           "--max_iters=4", "--eval_interval=2", "--gradient_accumulation_steps=2"]
+    torchrun(*moe, f"--out_dir={tmp_path / 'ddp'}")
+    torchrun(*moe, f"--out_dir={tmp_path / 'fsdp'}", "--fsdp=true")
+    assert_same_logs(tmp_path / "fsdp", tmp_path / "ddp")
