@@ -283,8 +283,11 @@ def load_data(cfg):
     data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
     meta = read_meta(data_dir)
     train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    # An id >= vocab_size would fail deep inside the first forward pass: check now, in 16M-id chunks.
-    top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
+    # An id >= vocab_size would fail deep inside the first forward pass: check now (the recorded
+    # maximum, or a scan in 16M-id chunks for datasets that do not record it).
+    top = meta.get("max_token_id")
+    if type(top) is not int:
+        top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
     if top >= meta["vocab_size"]:
         raise UsageError(f"{data_dir} holds token id {top} but its meta.json says vocab_size={meta['vocab_size']}: "
                          f"the files do not match; rebuild the dataset with prepare_data.py")

@@ -1,8 +1,8 @@
-"""bench_prepare_data.py: speed and peak memory of prepare_data.py with GPT-2 tokenisation.
+"""bench/prepare_data.py: speed and peak memory of prepare_data.py with GPT-2 tokenisation.
 
 Run:
-    python bench_prepare_data.py                              # 100 MB and 250 MB corpora, all cores
-    python bench_prepare_data.py --sizes_mb 20 50 --num_proc 2 --tiktoken_file=PATH/gpt2.tiktoken
+    python -m bench.prepare_data                              # 100 MB and 250 MB corpora, all cores
+    python -m bench.prepare_data --sizes_mb 20 50 --num_proc 2 --tiktoken_file=PATH/gpt2.tiktoken
 
 It generates a deterministic jsonl corpus in a temporary folder (prose drawn from a Zipf law over words
 of the standard library's sources, mixed with slices of real Python code, so BPE has realistic work),
@@ -42,7 +42,7 @@ import numpy as np
 
 import prepare_data
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 FILE_MB = 25  # the corpus is written as files of this size, so a smaller size is a prefix of a larger
 
 
@@ -61,7 +61,7 @@ def parse_args():
 # ----------------------------------------------------------------------------- the corpus
 
 def stdlib_texts() -> list[str]:
-    return [f.path.read_text(encoding="utf-8", errors="replace") for f in prepare_data.stdlib_files()]
+    return [path.read_text(encoding="utf-8", errors="replace") for path in prepare_data.stdlib_files(max_bytes=None)]
 
 
 def word_list(texts: list[str], size: int = 30000) -> np.ndarray:
@@ -218,7 +218,7 @@ def run_prepare(files: list[Path], out_dir: Path, num_proc: int, tiktoken_file: 
     other = busy_cpu_seconds() - busy - (usage.ru_utime + usage.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"prepare_data.py failed, see {out_dir.parent / 'prepare.log'}")
-    meta = prepare_data.read_meta(out_dir / "bench")
+    meta = json.loads((out_dir / "bench/meta.json").read_text())
     return {"seconds": seconds, "meta": meta, "max_rss_mb": usage.ru_maxrss / 1024, "pss_mb": peak_pss[0] / 1024,
             "other_load": other / seconds}
 
@@ -272,7 +272,7 @@ def print_report(rows: list[dict], args) -> None:
 def main():
     args = parse_args()
     if not Path(args.tiktoken_file).is_file():
-        sys.exit(f"bench_prepare_data.py: error: {args.tiktoken_file} not found: pass --tiktoken_file=PATH")
+        sys.exit(f"bench/prepare_data.py: error: {args.tiktoken_file} not found: pass --tiktoken_file=PATH")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_prepare_data_"))
     try:
         start = time.perf_counter()

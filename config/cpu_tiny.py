@@ -1,5 +1,8 @@
-"""A model small enough to try every knob on a laptop CPU in about a minute (the defaults of
-train.py are the README's ~5 minute run)."""
+"""A model small enough to try every knob on a laptop CPU in under a minute (train.py's own
+defaults are the README's ~3 minute run).
+
+    python train.py config/cpu_tiny.py --nitp_layer=2
+"""
 n_layer = 4
 n_embd = 64
 n_head = 4
