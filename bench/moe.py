@@ -16,6 +16,7 @@ hits them alike), after a warm-up, and the median is reported.
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -92,7 +93,8 @@ def bench_point(n_experts, top_k, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # one line, exit 2
     p.add_argument("--tokens", type=int, default=4096, help="T, tokens per step (batch x sequence)")
     p.add_argument("--width", type=int, default=256, help="D, model width")
     p.add_argument("--expert_hidden", type=int, default=128, help="H, one expert's SwiGLU width")
@@ -102,6 +104,15 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (all cores)")
     args = p.parse_args()
+    try:
+        points = [tuple(map(int, point.split("x"))) for point in args.points.split(",")]
+    except ValueError:
+        p.error(f"--points={args.points}: expected E x K pairs such as 32x4,8x2")
+    if min(args.tokens, args.width, args.expert_hidden, args.reps, *sum(points, ())) < 1 or min(args.shared, args.warmup,
+                                                                                                  args.threads) < 0:
+        p.error("--tokens, --width, --expert_hidden, --reps and every E and K must be >= 1; --shared, --warmup, --threads >= 0")
+    if any(k > e for e, k in points) or args.width % 4:
+        p.error("each K must be at most its E, and --width a multiple of 4 (16-byte rows for the grouped kernel)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Another busy process on the same cores stalls every multi-threaded small matmul (the expert
@@ -111,8 +122,7 @@ def main():
           f"fp32 forward+backward, median of {args.reps}")
     print(f"{'E':>4} {'K':>3} {'dense ms':>9} {'MoE grouped ms':>15} {'MoE loop ms':>12} "
           f"{'grouped/dense':>14} {'loop/grouped':>13} {'masked ms':>10} {'masked/grouped':>15}")
-    for point in args.points.split(","):
-        n_experts, top_k = map(int, point.split("x"))
+    for n_experts, top_k in points:
         t = bench_point(n_experts, top_k, args)
         print(f"{n_experts:>4} {top_k:>3} {1e3 * t['dense']:>9.1f} {1e3 * t['grouped']:>15.1f} "
               f"{1e3 * t['loop']:>12.1f} {t['grouped'] / t['dense']:>14.2f} {t['loop'] / t['grouped']:>13.2f} "

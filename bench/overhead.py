@@ -12,6 +12,7 @@ its interquartile range is printed so that the noise is visible next to the resu
 """
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -39,18 +40,27 @@ def step_time(model, opt, idx, ctx, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    p.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # one line, exit 2
     for name, default in (("n_layer", 4), ("n_embd", 512), ("n_head", 8), ("block_size", 128), ("batch_size", 8),
                           ("vocab_size", 320), ("warmup", 3), ("rounds", 40)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
+    if min(args.n_layer, args.n_embd, args.n_head, args.block_size, args.batch_size, args.vocab_size, args.rounds) < 2 \
+            or args.warmup < 0:
+        p.error("sizes and --rounds must be >= 2 (the median of paired ratios needs two rounds), --warmup >= 0")
+    if args.device.split(":")[0] not in ("cpu", "cuda") or args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device={args.device}: use cpu, or cuda on a machine with a CUDA GPU")
     device = torch.device(args.device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size,
                  vocab_size=args.vocab_size)
-    configs = {"ntp": GPTConfig(**shape, nitp_weight=0.0), "nitp": GPTConfig(**shape, nitp_weight=1.0)}
+    try:
+        configs = {"ntp": GPTConfig(**shape, nitp_weight=0.0), "nitp": GPTConfig(**shape, nitp_weight=1.0)}
+    except ValueError as e:
+        p.error(str(e))
     runs = {name: build(cfg, device, args.compile) for name, cfg in configs.items()}
     idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=device)
     times = {name: [] for name in runs}
