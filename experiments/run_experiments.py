@@ -9,8 +9,10 @@ Each (variant, seed) is one `python train.py` run into <out>/<variant>_s<seed>_<
 is a short hash of the run's effective settings (the variant's, the seed, --max_iters and every
 argument after `--`, config files read): changing any of them starts new runs, and the same ones
 reuse the finished runs. A run is finished when its log holds the evaluation at its own max_iters;
-an interrupted one resumes from its checkpoint. Arguments after `--` go to every run; the variant's
-own settings and the seed come after them, so they win.
+an interrupted one resumes from its checkpoint; one that train.py stops for a non-finite loss (exit 3,
+as the paper's MSE ablation diverged) is counted as diverged in the table and not repeated. Arguments after `--` go to every run; the variant's
+own settings and the seed come after them, so they win. The variants are the rows of the paper's
+ablation table; nitp (the paper's defaults) is also its "target at ~20% of depth" and "lambda 1.0" row.
 
 Then the probe (experiments/probe.py) runs on each final checkpoint (cached in the run folder), and
 the runner writes <out>/results.md, the final evaluation as mean ± std over seeds with the probe's
@@ -18,7 +20,6 @@ retrieval recall@1 and MRR (a proxy for the paper's embedding evaluation, not MT
 matplotlib is installed, <out>/curves.png (val loss, auxiliary loss, effective rank and mean cosine
 against iteration). A progress bar counts training steps over the whole experiment.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -46,18 +47,17 @@ VARIANTS = {
     "no_stop_grad": ["--nitp_stop_grad=false"],  # gradient flows into the target
     "no_head": ["--nitp_proj=none"],  # compare h_t with the target directly
     "layer0": ["--nitp_layer=0"],  # the embedding output as the target
-    "layer20": [],  # target at ~20%, ~50%, ~80% of depth: --nitp_layer set from n_layer (DEPTHS)
-    "layer50": [],
+    # nitp is also the ablation's "target at ~20% of depth" and "lambda 1.0" row
+    "layer50": [],  # target at ~50% / ~80% of depth: --nitp_layer is set from n_layer (DEPTHS)
     "layer80": [],
     "lambda0.1": ["--nitp_weight=0.1"],
     "lambda0.3": ["--nitp_weight=0.3"],
-    "lambda1.0": ["--nitp_weight=1.0"],
     "mse": ["--nitp_loss=mse"],
     "smooth_l1": ["--nitp_loss=smooth_l1"],
     "generic_cosine": ["--nitp_loss=generic_cosine"],  # penalise pairwise cosine, no target (logs generic_cos)
     "late_start": ["--nitp_start_iter=200"],  # NITP switched on later
 }
-DEPTHS = {"layer20": 0.2, "layer50": 0.5, "layer80": 0.8}
+DEPTHS = {"layer50": 0.5, "layer80": 0.8}
 PANELS = (("val_loss",), ("val_nitp", "val_generic_cos"), ("erank",), ("mean_cos",))  # curves.png
 
 
@@ -73,8 +73,12 @@ def run_args(variant, seed, max_iters, extra):
 
 
 def settings_hash(cfg, model_args):
-    """8 hex digits of the effective settings: the same run however its arguments are spelled."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "init_from")}
+    """8 hex digits of the effective settings: the same run however its arguments are spelled. Only
+    the values that differ from train.py's defaults count, so a knob added to train.py later (with
+    a default) does not invalidate the finished runs."""
+    default = dataclasses.asdict(train.TrainConfig())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("out_dir", "init_from") and v != default[k]}
     blob = json.dumps({"train": settings, "model": model_args}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -98,8 +102,14 @@ def evaluations(out_dir):
 
 
 def is_finished(out_dir, max_iters):
-    """Whether the run in out_dir reached its own max_iters (its final evaluation is logged)."""
-    return os.path.isfile(os.path.join(out_dir, "ckpt.pt")) and any(r["iter"] == max_iters for r in evaluations(out_dir))
+    """Whether the run in out_dir reached its own max_iters (its final evaluation is logged), or
+    diverged: train.py stopped it for a non-finite loss, which a rerun would only repeat."""
+    done = any(r["iter"] == max_iters for r in evaluations(out_dir))
+    return done and os.path.isfile(os.path.join(out_dir, "ckpt.pt")) or diverged(out_dir)
+
+
+def diverged(out_dir):
+    return os.path.isfile(os.path.join(out_dir, "diverged.json"))
 
 
 def steps_done(out_dir):
@@ -107,8 +117,9 @@ def steps_done(out_dir):
 
 
 def run_one(out_dir, args, bar, done_before):
-    """One train.py run in a subprocess (its output to out_dir/stdout.txt), advancing the bar.
-    It runs in this process's folder, so relative paths mean the same to it and to the probe."""
+    """One train.py run in a subprocess (its output to out_dir/stdout.txt), advancing the bar;
+    returns its exit code. It runs in this process's folder, so relative paths mean the same to it
+    and to the probe."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stdout.txt"), "a") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *args],
@@ -118,8 +129,7 @@ def run_one(out_dir, args, bar, done_before):
             done = done_before + steps_done(out_dir)
             if done != bar.n:
                 bar.update(done - bar.n)
-    if proc.returncode != 0:
-        sys.exit(f"error: run {out_dir} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
+    return proc.returncode
 
 
 def probe_run(job, n_docs):
@@ -151,18 +161,20 @@ def final_metrics(job, probed):
     """The last evaluation of a run, with the probe's recall@1 and MRR when it has them."""
     final = dict(evaluations(job["out_dir"])[-1])
     if probed and "retrieval" in probed:
-        final.update(recall_at_1=probed["retrieval"]["recall_at_1"], mrr=probed["retrieval"]["mrr"])
+        final.update(recall_at_1=probed["retrieval"]["recall_at_1"], mrr=probed["retrieval"]["mrr"],
+                     probe_docs=probed["retrieval"]["n_docs"])
     return final
 
 
 def summarise(rows):
-    """rows: [(variant, [final metrics of each seed])] -> a markdown table, mean ± std over seeds
-    (std needs 2+ seeds). Auxiliary-loss columns appear only where some variant logs them."""
-    present = {m for _, finals in rows for f in finals for m in f}
+    """rows: [(variant, [final metrics of each finished seed], number of diverged seeds)] -> a
+    markdown table, mean ± std over the finished seeds (std needs 2+). Auxiliary-loss columns appear
+    only where some variant logs them."""
+    present = {m for _, finals, _ in rows for f in finals for m in f}
     metrics = [m for m in ("val_loss", "val_nitp", "val_generic_cos", "erank", "mean_cos", "recall_at_1", "mrr")
                if m in present or m in ("val_loss", "val_nitp", "erank", "mean_cos")]
     lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for v, finals in rows:
+    for v, finals, n_diverged in rows:
         cells = []
         for m in metrics:
             values = [f[m] for f in finals if m in f]
@@ -172,10 +184,16 @@ def summarise(rows):
                 cells.append(f"{values[0]:.4f}")
             else:
                 cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
-        lines.append(f"| {v} | {len(finals)} | " + " | ".join(cells) + " |")
-    note = ("\nrecall_at_1, mrr: the retrieval probe of experiments/probe.py, a proxy for the paper's embedding "
-            "evaluation (not MTEB): a held-out document's first half finds its second half by cosine of "
-            "mean-pooled final states.\n") if "recall_at_1" in metrics else ""
+        seeds = f"{len(finals)}" + (f" (+{n_diverged} diverged)" if n_diverged else "")
+        lines.append(f"| {v} | {seeds} | " + " | ".join(cells) + " |")
+    note = ""
+    if "recall_at_1" in metrics:
+        sizes = sorted({f["probe_docs"] for _, finals, _ in rows for f in finals if "probe_docs" in f})
+        chance = ", ".join(f"N={n}: {probe.chance_scores(n)['recall_at_1']:.4f}, {probe.chance_scores(n)['mrr']:.4f}"
+                           for n in sizes)
+        note = ("\nrecall_at_1, mrr: the retrieval probe of experiments/probe.py, a proxy for the paper's embedding "
+                "evaluation (not MTEB): a held-out document's first half finds its second half among N by cosine of "
+                f"mean-pooled final states (chance recall@1 and MRR for {chance}).\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -212,31 +230,34 @@ def plot(runs_by_variant, path):
 
 
 def main(argv):
+    """Run the experiment; returns the exit code (2: bad input, told in one line)."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--variants", default="ntp,nitp", help=f"comma-separated, or all; from: {', '.join(VARIANTS)}")
+    p = train.ArgumentParser(description=__doc__.strip().splitlines()[0])  # a usage error: one line, exit 2
+    p.add_argument("--variants", default="ntp,nitp",
+                   help=f"comma-separated, or all; from: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N, the same for every variant")
     p.add_argument("--out", default="experiments", help="folder for the runs, the table and the plot")
     p.add_argument("--max_iters", type=int, default=0,
                    help="training steps per run; 0 = train.py's default or the config file's (one after -- wins)")
     p.add_argument("--probe_docs", type=int, default=256, help="documents for the retrieval probe; 0 = no probe")
-    args = p.parse_args(argv)
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (or all)")
-    if args.seeds < 1 or args.probe_docs == 1 or args.probe_docs < 0:
-        sys.exit(f"error: --seeds={args.seeds} must be >= 1 and --probe_docs={args.probe_docs} 0 or >= 2")
-    jobs = []
-    for v in variants:
-        for s in range(1, args.seeds + 1):
-            try:
+    try:
+        args = p.parse_args(argv)
+        variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise train.UsageError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (or all)")
+        if args.seeds < 1 or args.probe_docs == 1 or args.probe_docs < 0:
+            raise train.UsageError(f"--seeds={args.seeds} must be >= 1 and --probe_docs={args.probe_docs} 0 or >= 2")
+        jobs = []
+        for v in variants:
+            for s in range(1, args.seeds + 1):
                 run_argv, cfg, model_args = run_args(v, s, args.max_iters, extra)
-            except train.UsageError as e:
-                sys.exit(f"error: the arguments of {v} seed {s} are refused by train.py: {e}")
-            out_dir = os.path.abspath(os.path.join(args.out, f"{v}_s{s}_{settings_hash(cfg, model_args)}"))
-            jobs.append({"variant": v, "seed": s, "argv": run_argv, "cfg": cfg, "out_dir": out_dir})
+                out_dir = os.path.abspath(os.path.join(args.out, f"{v}_s{s}_{settings_hash(cfg, model_args)}"))
+                jobs.append({"variant": v, "seed": s, "argv": run_argv, "cfg": cfg, "out_dir": out_dir})
+    except train.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar = tqdm(total=sum(j["cfg"].max_iters for j in jobs), desc="experiment", unit="step", dynamic_ncols=True)
     done_before = 0
     for job in jobs:
@@ -248,23 +269,37 @@ def main(argv):
             resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
             if not resume and os.path.exists(os.path.join(out_dir, "log.jsonl")):
                 os.remove(os.path.join(out_dir, "log.jsonl"))  # no checkpoint: start over, cleanly
-            run_one(out_dir, [*job["argv"], f"--init_from={'resume' if resume else 'scratch'}"], bar, done_before)
+            init = f"--init_from={'resume' if resume else 'scratch'}"
+            code = run_one(out_dir, [*job["argv"], init], bar, done_before)
+            if code == 3:  # train.py: a non-finite loss (the paper's MSE ablation diverged); the others go on
+                with open(os.path.join(out_dir, "diverged.json"), "w") as f:
+                    json.dump({"exit": code, "steps_done": steps_done(out_dir)}, f)
+                tqdm.write(f"notice: {job['variant']} seed {job['seed']} diverged (non-finite loss); see "
+                           f"{out_dir}/stdout.txt")
+            elif code != 0:
+                bar.close()
+                print(f"error: run {out_dir} failed (exit {code}); see {out_dir}/stdout.txt", file=sys.stderr)
+                return 1
         done_before += max_iters
         bar.update(done_before - bar.n)
     bar.close()
     rows, curves = [], []
     for v in variants:
-        mine = [j for j in jobs if j["variant"] == v]
-        rows.append((v, [final_metrics(j, probe_run(j, args.probe_docs) if args.probe_docs else None) for j in mine]))
-        curves.append((v, [evaluations(j["out_dir"]) for j in mine]))
+        mine = [j for j in jobs if j["variant"] == v and not diverged(j["out_dir"])]
+        probed = [probe_run(j, args.probe_docs) if args.probe_docs else None for j in mine]
+        n_diverged = sum(j["variant"] == v for j in jobs) - len(mine)
+        rows.append((v, [final_metrics(j, pr) for j, pr in zip(mine, probed)], n_diverged))
+        if mine:
+            curves.append((v, [evaluations(j["out_dir"]) for j in mine]))
     table = summarise(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     print(table)
-    if plot(curves, os.path.join(args.out, "curves.png")):
+    if curves and plot(curves, os.path.join(args.out, "curves.png")):
         print(f"wrote {os.path.join(args.out, 'results.md')} and {os.path.join(args.out, 'curves.png')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
