@@ -7,19 +7,17 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
     python train.py config/cpu_tiny.py --max_iters=400
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
-Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config
-file (`key = value` lines, see config/) sets several; flags override files. Writes
-out_dir/log.jsonl (one JSON record per line), out_dir/ckpt.pt (replaced atomically) and
-out_dir/config.json. `--init_from=resume` continues from ckpt.pt with the same data order, random
-state and loss scale, so a resumed run ends where an uninterrupted one would have.
-
-Reading order: the config; small pure helpers (command line, data, schedule, evaluation, the
-out_dir); then run(): the setup, and the training loop in the order things happen.
+Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config file (`key = value`
+lines, see config/) sets several; flags override files. Writes out_dir/log.jsonl (one JSON record per line),
+out_dir/ckpt.pt (replaced atomically) and out_dir/config.json. `--init_from=resume` continues from ckpt.pt with the
+same data order, random state and loss scale, so a resumed run ends where an uninterrupted one would have.
+Reading order: the config; small pure helpers; then run(): the setup, and the training loop in the order things happen.
 """
 import argparse
 import ast
 import dataclasses
 import difflib
+import gc
 import glob
 import json
 import math
@@ -29,12 +27,10 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
@@ -43,7 +39,7 @@ from model import GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_p
 from nitp import effective_rank, mean_pairwise_cosine
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # log.jsonl, ckpt.pt and config.json go here
@@ -61,8 +57,8 @@ class TrainConfig:
     learning_rate: float = 2e-3  # peak lr (paper: 4.2e-4 to 8.7e-4 at scale; tiny models take more)
     min_lr: float = 2e-4  # lr at the end of the decay
     weight_decay: float = 0.1  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # in [0, 1)
+    beta2: float = 0.95  # in [0, 1)
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # schedule: warmup-stable-decay as in the paper, or cosine
     lr_schedule: str = "wsd"  # "wsd" (paper) or "cosine"
@@ -81,29 +77,28 @@ class TrainConfig:
     seed: int = 1337  # weights, data order and dropout; >= 0
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
     peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
-    nitp_start_iter: int = 0  # the NITP term gets weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
+    nitp_start_iter: int = 0  # NITP weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
-    def __post_init__(self):
-        at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "max_iters": 1, "eval_interval": 1,
-                    "eval_iters": 1, "log_interval": 1, "total_batch_size": 0, "warmup_iters": 0, "lr_decay_iters": 0,
-                    "seed": 0, "nitp_start_iter": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "peak_flops": 0}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+    def __post_init__(self):  # every number finite and in range, every choice one of its values
+        at_least = dict(batch_size=1, gradient_accumulation_steps=1, max_iters=1, eval_interval=1, eval_iters=1,
+                        log_interval=1, total_batch_size=0, warmup_iters=0, lr_decay_iters=0, seed=0, nitp_start_iter=0,
+                        min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0)
+        choices = dict(init_from=("scratch", "resume"), lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
+                       dtype=("auto", "float32", "bfloat16", "float16"))
+        for name, value in dataclasses.asdict(self).items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name}={value} must be a finite number")
-            if value < at_least.get(f.name, value):
-                raise ValueError(f"{f.name}={value} must be >= {at_least[f.name]}")
-        choices = {"init_from": ("scratch", "resume"), "lr_schedule": ("wsd", "cosine"),
-                   "dtype": ("auto", "float32", "bfloat16", "float16"), "on_nonfinite": ("stop", "skip")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not (self.device[:5] == "cuda:" and self.device[5:].isdigit()):
+                raise ValueError(f"{name}={value} must be a finite number")
+            if value < at_least.get(name, value):
+                raise ValueError(f"{name}={value} must be >= {at_least[name]}")
+            if value not in choices.get(name, (value,)):
+                raise ValueError(f"{name}={value!r} must be one of {choices[name]}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device[:5] == "cuda:" and self.device[5:].isdigit()):
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
-            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1), decay_frac={self.decay_frac} in [0, 1]")
+            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), "
+                             f"decay_frac={self.decay_frac} in [0, 1]")
 
 
 class UsageError(Exception):
@@ -115,17 +110,13 @@ class NonFiniteLoss(Exception):
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite=skip: more skipped steps than this in a row means broken weights
-LLMC_VOCAB = 50257  # GPT-2's vocabulary, what llm.c's shards hold
-TOKEN_DTYPES = ("uint16", "uint32")  # what prepare_data.py writes (meta.json "dtype")
 # Dense bf16 tensor-core peaks (FLOP/s, datasheets) by device-name fragment, most specific first, for MFU.
 PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H100 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
                    "H800": 989e12, "B200": 2.25e15, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
                    "L4": 121e12, "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
-# ----------------------------------------------------------------------------------------------
-# command line: python train.py [config/file.py ...] [--key=value ...]
 
-
+# --- command line: python train.py [config/file.py ...] [--key=value ...]
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2 (in main), instead of a usage block
         raise UsageError(message)
@@ -133,18 +124,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def converter(name, typ):
     """--name's text (or a config file's literal) -> typ, with an error that says what was expected."""
+    truth = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    expected = "true/false" if typ is bool else typ.__name__
+
     def convert(text):
-        text = str(text)
-        if typ is str:
-            return text
-        if typ is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
         try:
-            if typ is not bool:
-                return typ(text)
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"--{name}={text}: expected {'true/false' if typ is bool else typ.__name__}")
+            return truth[str(text).lower()] if typ is bool else typ(str(text))
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(f"--{name}={text}: expected {expected}") from None
     return convert
 
 
@@ -158,23 +145,22 @@ def read_config_file(path, fields):
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
-    except UnicodeDecodeError:
-        raise UsageError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"cannot read config file {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte
+        why = "it is not UTF-8 text, save it as UTF-8" if isinstance(e, UnicodeDecodeError) else e
+        raise UsageError(f"cannot read config file {path}: {why}") from None
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
+        where = f"{path}:{node.lineno}"
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file")
-        key = node.targets[0].id
-        if key not in fields:
-            raise UsageError(f"{path}:{node.lineno}: unknown knob '{key}'{did_you_mean(key, fields)}")
+            raise UsageError(f"{where}: only `key = value` lines are allowed in a config file")
+        if (key := node.targets[0].id) not in fields:
+            raise UsageError(f"{where}: unknown knob '{key}'{did_you_mean(key, fields)}")
         try:
             values[key] = converter(key, type(fields[key].default))(ast.literal_eval(node.value))
         except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UsageError(f"{path}:{node.lineno}: {e if str(e).startswith('--') else 'the value must be a literal'}")
+            raise UsageError(f"{where}: {e if str(e).startswith('--') else 'the value must be a literal'}") from None
     return values
 
 
@@ -188,13 +174,11 @@ def parse_args(argv):
                             metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise UsageError(f"unknown knob or argument '{unknown[0]}'"
-                         f"{did_you_mean(unknown[0].lstrip('-').partition('=')[0], fields)}")
-    values = {}
-    for path in args.config_files:
-        values.update(read_config_file(path, fields))
-    values.update({k: v for k, v in vars(args).items() if k != "config_files"})
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+        key = unknown[0].lstrip("-").partition("=")[0]
+        raise UsageError(f"unknown knob or argument '{unknown[0]}'{did_you_mean(key, fields)}")
+    values = {k: v for path in args.config_files for k, v in read_config_file(path, fields).items()}
+    values.update({k: v for k, v in vars(args).items() if k != "config_files"})  # flags override files
+    train_names = TrainConfig.__dataclass_fields__
     try:
         cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
         model_args = {k: v for k, v in values.items() if k not in train_names}
@@ -204,10 +188,7 @@ def parse_args(argv):
     return cfg, model_args
 
 
-# ----------------------------------------------------------------------------------------------
-# data: what prepare_data.py writes (meta.json + flat ids), and llm.c shards
-
-
+# --- data: what prepare_data.py writes (meta.json + flat ids), and llm.c shards
 def read_meta(data_dir):
     """The dataset folder's meta.json, checked for what training needs: vocab_size and dtype."""
     path = os.path.join(data_dir, "meta.json")
@@ -220,16 +201,13 @@ def read_meta(data_dir):
             meta = json.load(f)
     except (OSError, ValueError) as e:  # not JSON, not UTF-8
         raise UsageError(f"{path} is not readable JSON ({e}): rebuild the dataset with prepare_data.py") from None
-    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
     if not isinstance(meta, dict):
-        problem = "it is not a JSON object"
-    elif meta.get("dtype") not in TOKEN_DTYPES:
-        problem = f"dtype {meta.get('dtype')!r} is not one of {TOKEN_DTYPES}"
-    elif type(vocab) is not int or vocab < 1:
-        problem = f"vocab_size {vocab!r} is not a positive integer"
-    else:
-        return meta
-    raise UsageError(f"{path}: {problem}; rebuild the dataset with prepare_data.py")
+        raise UsageError(f"{path} is not a JSON object: rebuild the dataset with prepare_data.py")
+    dtype, vocab = meta.get("dtype"), meta.get("vocab_size")
+    if dtype not in ("uint16", "uint32") or type(vocab) is not int or vocab < 1:  # what prepare_data.py writes
+        raise UsageError(f"{path} has dtype {dtype!r} and vocab_size {vocab!r}, where uint16 or uint32 and a positive "
+                         f"integer are needed: rebuild the dataset with prepare_data.py")
+    return meta
 
 
 def load_split(data_dir, split, meta):
@@ -254,23 +232,19 @@ def read_llmc_shard(path):
 
 class ShardedTokens:
     """llm.c shards seen as one sequence, memory-mapped; a window across a boundary is stitched."""
-
     def __init__(self, pattern):
-        paths = sorted(glob.glob(pattern))
-        if not paths:
+        self.shards = [read_llmc_shard(p) for p in sorted(glob.glob(pattern))]
+        if not self.shards:
             raise UsageError(f"no llm.c shard matches {pattern!r}: give a glob such as 'fineweb10B/fineweb_train_*.bin'")
-        self.shards = [read_llmc_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
 
     def __len__(self):
         return int(self.starts[-1])
 
-    def __getitem__(self, window):
-        i, pieces, pos = int(np.searchsorted(self.starts, window.start, side="right")) - 1, [], window.start
-        while pos < window.stop:
-            pieces.append(self.shards[i][pos - self.starts[i]:window.stop - self.starts[i]])
-            pos, i = pos + len(pieces[-1]), i + 1
-        return np.concatenate(pieces)
+    def __getitem__(self, window):  # a slice start:stop -> the pieces of every shard it overlaps, joined
+        start, stop = window.start, window.stop
+        return np.concatenate([s[max(0, start - a):stop - a] for s, a in zip(self.shards, self.starts)
+                               if a < stop and a + len(s) > start])
 
 
 def load_data(cfg):
@@ -278,13 +252,12 @@ def load_data(cfg):
     if cfg.train_shards or cfg.val_shards:
         if not (cfg.train_shards and cfg.val_shards):
             raise UsageError("give both --train_shards and --val_shards (globs of llm.c .bin shards)")
-        meta = {"vocab_size": LLMC_VOCAB, "tokenizer": "gpt2", "eot_token": 50256}  # llm.c's shards hold GPT-2 ids
+        meta = {"vocab_size": 50257, "tokenizer": "gpt2", "eot_token": 50256}  # llm.c's shards hold GPT-2 ids
         return ShardedTokens(cfg.train_shards), ShardedTokens(cfg.val_shards), meta, cfg.train_shards
     data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
     meta = read_meta(data_dir)
     train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    # An id >= vocab_size would fail deep inside the first forward pass: check now (the recorded
-    # maximum, or a scan in 16M-id chunks for datasets that do not record it).
+    # An id >= vocab_size would fail deep inside the first forward: check now (the recorded maximum, or a chunked scan).
     top = meta.get("max_token_id")
     if type(top) is not int:
         top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
@@ -295,35 +268,29 @@ def load_data(cfg):
 
 
 def batch_offsets(n_tokens, block_size, batch_size, seed, step, micro):
-    """Start offsets of one micro-batch: a pure function of (seed, step, global micro-batch index).
-    No sampler state to save, the same tokens whatever the number of processes, and rank r's
-    micro-step m reads global micro-batch r * accumulation + m, so ranks read different data."""
+    """Start offsets of one micro-batch, a pure function of (seed, step, global micro-batch index): no sampler state
+    to save, the same tokens whatever the number of processes; rank r's micro-step m reads r * accumulation + m."""
     return np.random.default_rng([seed, step, micro]).integers(0, n_tokens - block_size - 1, size=batch_size)
 
 
 def get_batch(data, offsets, block_size, device):
     """Inputs x and targets y (B, T): y is x shifted left by one token."""
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))  # (B, T+1)
-    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-    if device.type == "cuda":  # pinned host memory: the copy does not wait for the GPU to be idle
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    # pinned host memory on CUDA: the copy does not wait for the GPU to be idle
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
 
 def val_offsets(n_tokens, block_size, batch_size, eval_iters):
     """Evenly spaced windows over the validation split, fixed for the whole run (and across runs)."""
-    count = batch_size * eval_iters
-    return np.linspace(0, n_tokens - block_size - 1, num=count).astype(np.int64).reshape(eval_iters, batch_size)
+    starts = np.linspace(0, n_tokens - block_size - 1, num=batch_size * eval_iters).astype(np.int64)
+    return starts.reshape(eval_iters, batch_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# schedule, evaluation, the out_dir
-
-
+# --- schedule, evaluation, the out_dir, the device
 def get_lr(it, cfg):
-    """lr for optimizer step `it` (0-based). Warmup starts at lr/(warmup+1), not 0, so the first
-    step already learns. wsd: warmup, constant, then linear decay to min_lr over the last
-    decay_frac of the schedule (paper). cosine: warmup, then cosine to min_lr."""
+    """lr for optimizer step `it` (0-based). Warmup starts at lr/(warmup+1), not 0, so the first step already learns.
+    wsd: then constant, then linear decay to min_lr over the last decay_frac (paper). cosine: then cosine to min_lr."""
     total = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
@@ -339,11 +306,9 @@ def get_lr(it, cfg):
 
 @torch.no_grad()
 def evaluate(model, data, offsets, block_size, ctx, device, aux_name=None, rank=0, world_size=1):
-    """Mean validation losses over the fixed windows `offsets` (eval_iters, B); rank r takes
-    batches r, r + W, ... Every rank calls all_reduce exactly once whatever eval_iters, and
-    `model` must not be the DDP wrapper (whose forward is a collective), so a rank with no batch
-    never leaves the others waiting. Eval mode (no dropout) makes it deterministic; training mode
-    is restored."""
+    """Mean validation losses over the fixed windows `offsets` (eval_iters, B), in eval mode (no dropout); rank r takes
+    batches r, r + W, ... Every rank calls all_reduce exactly once, and `model` must not be the DDP wrapper (whose
+    forward is a collective), so a rank with no batch never leaves the others waiting."""
     model.eval()
     sums = torch.zeros(3, device=device)  # ntp, aux, batches
     for i in range(rank, len(offsets), world_size):
@@ -354,16 +319,13 @@ def evaluate(model, data, offsets, block_size, ctx, device, aux_name=None, rank=
     if world_size > 1:
         dist.all_reduce(sums)
     model.train()
-    record = {"val_loss": (sums[0] / sums[2]).item()}
-    if aux_name:
-        record[f"val_{aux_name}"] = (sums[1] / sums[2]).item()
-    return record
+    means = (sums[:2] / sums[2]).tolist()
+    return {"val_loss": means[0], **({f"val_{aux_name}": means[1]} if aux_name else {})}
 
 
 @torch.no_grad()
 def geometry(raw_model, x, ctx, max_tokens=8192):
-    """erank and mean_cos (spec, Appendix D) of the final states h_t of the batch x, at most
-    max_tokens of them. Evaluation only: training keeps no hidden states around."""
+    """erank and mean_cos (spec, Appendix D) of the final states h_t of the batch x, at most max_tokens of them."""
     seen = []  # through a hook in a forward call, not trunk(): FSDP gathers sharded weights in forward only
     hook = raw_model.transformer.ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
     raw_model.eval()
@@ -371,52 +333,45 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
         raw_model(x)
     raw_model.train()
     hook.remove()
-    h = seen[0]  # (B, T, C)
-    states = h.reshape(-1, h.size(-1)).float()  # (B*T, C)
+    states = seen[0].reshape(-1, seen[0].size(-1)).float()  # (B, T, C) -> (B*T, C)
     states = states[::max(1, states.size(0) // max_tokens)][:max_tokens]
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
 def lock_out_dir(out_dir):
-    """Create out_dir and take its lock: a file holding our host and PID, created exclusively. A
-    lock whose process is gone (same host) is taken over. -> the lock file's path."""
+    """Create out_dir and lock it with a file holding our host and PID (one whose process is gone is taken over)."""
     path, me = os.path.join(out_dir, "train.lock"), socket.gethostname()
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for _ in range(2):
-            try:
-                with open(path, "x") as f:
-                    f.write(f"{me} {os.getpid()}\n")
-                return path
-            except FileExistsError:
-                host, _, pid = open(path).read().strip().partition(" ")
-                try:  # signal 0 only asks whether the process exists
-                    alive = host != me or (pid.isdigit() and int(pid) != os.getpid() and os.kill(int(pid), 0) is None)
-                except ProcessLookupError:
-                    alive = False
-                if alive:
-                    raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait "
-                                     f"for it, pick another --out_dir, or delete {path} if that run is gone") from None
-                os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
+        if os.path.exists(path):
+            host, _, pid = open(path).read().strip().partition(" ")
+            try:  # signal 0 only asks whether the process exists
+                alive = host != me or (pid.isdigit() and int(pid) != os.getpid() and os.kill(int(pid), 0) is None)
+            except ProcessLookupError:
+                alive = False
+            if alive:
+                raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait for "
+                                 f"it, pick another --out_dir, or delete {path} if that run is gone")
+            os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
+        with open(path, "x") as f:  # exclusive: of two runs starting at once, one fails here
+            f.write(f"{me} {os.getpid()}\n")
+        return path
     except OSError as e:
         raise UsageError(f"cannot use out_dir {out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
 
 
 def trim_log(path, last_iter):
-    """Drop log records past the checkpoint's step (a crash after it left them; the resumed run
-    writes them again), atomically, so that after a resume the log reads as one run."""
-    with open(path) as f:
-        lines = f.readlines()
+    """Drop records past the checkpoint's step, left by a crash after it: after a resume the log reads as one run."""
     keep = []
-    for line in lines:
-        try:
-            keep += [line] if json.loads(line)["iter"] <= last_iter else []
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by the crash
-    if len(keep) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        for line in f:
+            try:
+                keep += [line] if json.loads(line)["iter"] <= last_iter else []
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by the crash
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, record):
@@ -424,61 +379,27 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def check_resume(ckpt, mcfg, cfg, path, say):
-    """Refuse a checkpoint of another model shape; name any schedule knob that changed."""
-    saved = ckpt["model_config"]
-    differing = [k for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v]
-    if differing:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {getattr(mcfg, k)!r}" for k in differing)
-        raise UsageError(f"the model in {path} differs from the requested config ({detail}); "
-                         f"pass the checkpoint's settings or use a new out_dir")
-    old = ckpt.get("train_config", {})
-    changed = [f"{k} {old[k]} -> {getattr(cfg, k)}" for k in ("max_iters", "lr_decay_iters", "warmup_iters",
-               "learning_rate", "min_lr", "lr_schedule", "decay_frac") if k in old and old[k] != getattr(cfg, k)]
-    if changed:
-        say(f"notice: the schedule differs from the checkpoint's ({', '.join(changed)}); the learning rate "
-            f"follows the new one from step {ckpt['iter_num']} on")
-
-
-# ----------------------------------------------------------------------------------------------
-# devices and processes
-
-
-def pick_device(requested, local_rank, world_size):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device={requested} but torch {torch.__version__} sees no CUDA GPU here: use --device=cpu")
-    if requested == "mps" and not mps:
-        raise UsageError("--device=mps but MPS is not available here: use --device=cpu")
-    device = torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
+def pick_device(cfg, local_rank, world_size, say):
+    """(device, autocast dtype) for --device and --dtype; a dtype the device cannot do falls back to float32."""
+    mps = torch.backends.mps.is_available()
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
+        what = "CUDA GPU" if name.startswith("cuda") else "MPS device"
+        raise UsageError(f"--device={name} but torch {torch.__version__} sees no {what} here: use --device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise UsageError(f"--device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in float32
-    return device
-
-
-def pick_dtype(requested, device, say):
-    """The autocast dtype; one the device cannot do falls back to float32 with a notice."""
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    if requested == "auto":
-        return torch.bfloat16 if bf16 else torch.float32
-    if requested != "float32" and device.type != "cuda" or requested == "bfloat16" and not bf16:
-        say(f"notice: dtype={requested} is not supported on this {device.type} device; training in float32")
-        return torch.float32
-    return getattr(torch, requested)
-
-
-def build_model_config(model_args, meta):
-    """GPTConfig from the knobs; vocab_size comes from the dataset, padded to a multiple of 64."""
-    data_vocab = meta["vocab_size"]
-    if model_args.get("vocab_size", data_vocab) < data_vocab:
-        raise UsageError(f"vocab_size={model_args['vocab_size']} is smaller than the dataset's vocabulary "
-                         f"({data_vocab}, from meta.json): drop --vocab_size or set it >= {data_vocab}")
-    return GPTConfig(**{"vocab_size": 64 * math.ceil(data_vocab / 64), **model_args})
+    dtype = ("bfloat16" if bf16 else "float32") if cfg.dtype == "auto" else cfg.dtype
+    if dtype != "float32" and device.type != "cuda" or dtype == "bfloat16" and not bf16:
+        say(f"notice: dtype={dtype} is not supported on this {device.type} device; training in float32")
+        dtype = "float32"
+    return device, getattr(torch, dtype)
 
 
 def git_hash():
@@ -489,41 +410,52 @@ def git_hash():
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# the run
-
-
+# --- the run
 def run(argv):
     # --- setup: knobs, processes, device, data, model, optimizer, resume state
     cfg, model_args = parse_args(argv)
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = pick_device(cfg.device, local_rank, world_size)
-    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    elif cfg.fsdp:
-        raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     master = rank == 0
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
-    ptdtype = pick_dtype(cfg.dtype, device, say)
+    device, ptdtype = pick_device(cfg, local_rank, world_size, say)
+    cuda = device.type == "cuda"
+    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    elif cfg.fsdp:
+        raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
     train_data, val_data, meta, data_where = load_data(cfg)
-    mcfg = build_model_config(model_args, meta)
+    vocab = meta["vocab_size"]
+    if model_args.get("vocab_size", vocab) < vocab:
+        raise UsageError(f"vocab_size={model_args['vocab_size']} is below the dataset's {vocab} ids (meta.json): "
+                         f"drop --vocab_size or set it >= {vocab}")
+    mcfg = GPTConfig(**{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
         raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {data_where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
     accum, per_micro = cfg.gradient_accumulation_steps, cfg.batch_size * mcfg.block_size * world_size
     if cfg.total_batch_size:
         if cfg.total_batch_size % per_micro:
-            raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size*block_size*"
-                             f"world_size = {per_micro} tokens: make it one")
+            raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
+                             f"* world_size = {per_micro} tokens: make it one")
         accum = cfg.total_batch_size // per_micro
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = None
-    if cfg.init_from == "resume":
+    if cfg.init_from == "resume":  # refuse a checkpoint of another model shape; name any schedule knob that changed
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
         ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num", "rng_states"))
-        check_resume(ckpt, mcfg, cfg, ckpt_path, say)
+        saved, old = ckpt["model_config"], ckpt.get("train_config", {})
+        differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
+                              for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
+        if differing:
+            raise UsageError(f"the model in {ckpt_path} differs ({differing}): pass its settings or use a new out_dir")
+        changed = [f"{k} {old[k]} -> {getattr(cfg, k)}" for k in ("max_iters", "lr_decay_iters", "warmup_iters",
+                   "learning_rate", "min_lr", "lr_schedule", "decay_frac") if k in old and old[k] != getattr(cfg, k)]
+        if changed:
+            say(f"notice: the schedule differs from the checkpoint's ({', '.join(changed)}); the learning rate "
+                f"follows the new one from step {ckpt['iter_num']} on")
     lock = lock_out_dir(cfg.out_dir) if master else None
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -532,7 +464,8 @@ def run(argv):
         model.load_state_dict(ckpt["model"])  # full tensors, before any sharding
     if cfg.fsdp:  # one all-gather per block in forward and one reduce-scatter in backward; the root holds the rest
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype,
+                                      reduce_dtype=torch.float32)
         for block in model.transformer.h:
             if cfg.compile:
                 block.compile()  # per block: FSDP's hooks stay outside the compiled graphs
@@ -541,15 +474,14 @@ def run(argv):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
-    start_iter = 0
+    start_iter = 0 if ckpt is None else ckpt["iter_num"]
     if ckpt is not None:  # the file holds full, name-keyed state: it loads with or without FSDP
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_iter = ckpt["iter_num"]
-        if ckpt.get("world_size") == world_size:
+        if ckpt.get("world_size") == world_size:  # each rank continues its own random stream
             torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
+            if cuda and ckpt["rng_states"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"], device)
         else:
             say(f"notice: resuming with {world_size} processes instead of {ckpt.get('world_size')}: the random "
@@ -557,34 +489,31 @@ def run(argv):
         if master and os.path.exists(log_path):
             trim_log(log_path, start_iter)
         del ckpt
-    raw_model = model
-    if cfg.compile and not cfg.fsdp:
-        model = torch.compile(model)
-    train_model = model  # compile first, then wrap in DDP
-    if world_size > 1 and not cfg.fsdp:  # the RoPE tables are buffers every rank computes itself: nothing to broadcast
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    raw_model = model  # saved and evaluated for geometry: no _orig_mod. or module. prefixes
+    # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast.
+    model = torch.compile(model) if cfg.compile and not cfg.fsdp else model
+    train_model = model if world_size == 1 or cfg.fsdp else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[local_rank] if cuda else None, broadcast_buffers=False)
 
     tokens_per_iter = per_micro * accum
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
     val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
     flops = flops_per_token(mcfg)
-    peak = cfg.peak_flops or (device.type == "cuda" and next(
+    peak = cfg.peak_flops or (cuda and next(
         (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git_hash(), "argv": argv}, f, indent=2)
-    say(f"training FLOPs per token (6 x params touched): {flops['total']:.3e}, of which NITP "
-        f"{flops['nitp']:.3e} = {100 * flops['nitp_share']:.2f}% of NTP")
-    say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M "
-        f"at inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; "
-        f"nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} nitp_loss={mcfg.nitp_loss}")
+    say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M at "
+        f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
+        f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
+        f"{100 * flops['nitp_share']:.2f}% of NTP; nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} "
+        f"nitp_loss={mcfg.nitp_loss}")
 
     # --- the training loop: `it` counts optimizer steps taken; evaluation and checkpoint come first
-    skipped = 0  # consecutive skipped (non-finite) steps
-    t0, timed_steps = time.time(), 0
+    skipped, t0, timed_steps = 0, time.time(), 0  # skipped: non-finite steps in a row
     with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
         for it in range(start_iter, cfg.max_iters + 1):
             if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
@@ -596,23 +525,23 @@ def run(argv):
                 if master:
                     append_jsonl(log_path, {"iter": it, **val})
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                # Every rank's random state, gathered by all (a collective), saved by rank 0: dropout resumes exactly.
-                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-                rng_states = [rng] * world_size
-                if world_size > 1:
-                    dist.all_gather_object(rng_states, rng)
                 if it > 0 and skipped:
                     say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
-                elif it > 0:  # full tensors keyed by parameter name (gathered from the shards under FSDP) on rank 0
+                elif it > 0:  # collectives on every rank, saved by rank 0: each rank's random state (dropout resumes
+                    # exactly) and full tensors keyed by parameter name, gathered from the shards under FSDP
+                    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
+                    rng_states = [rng] * world_size
+                    if world_size > 1:
+                        dist.all_gather_object(rng_states, rng)
                     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                    states = get_model_state_dict(raw_model, options=options), get_optimizer_state_dict(
-                        raw_model, optimizer, options=options)
-                if master and it > 0 and not skipped:
-                    save_checkpoint(ckpt_path, {
-                        "model": states[0], "optimizer": states[1], "scaler": scaler.state_dict(),
-                        "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "iter_num": it,
-                        "val": val, "rng_states": rng_states, "world_size": world_size,
-                        "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                    state = {"model": get_model_state_dict(raw_model, options=options),
+                             "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=options)}
+                    if master:
+                        save_checkpoint(ckpt_path, {
+                            **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
+                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                            "rng_states": rng_states, "world_size": world_size,
+                            "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
                 break
@@ -620,12 +549,12 @@ def run(argv):
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # A late NITP start (paper ablation) as a weight tensor, 0 before nitp_start_iter and lambda
-            # after: a tensor, not a float, so the compiled graph is not rebuilt when it switches.
+            # A late NITP start (paper ablation): the weight as a tensor, 0 before nitp_start_iter and lambda after,
+            # so that the compiled graph is not rebuilt when it switches.
             weight = {}
             if mcfg.nitp and cfg.nitp_start_iter:
-                weight = {"nitp_weight": torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)}
-            sums = counts = None
+                weight["nitp_weight"] = torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)
+            sums, counts = torch.zeros(len(logged), device=device), 0  # loss parts; MoE tokens per expert (L, E)
             for micro in range(accum):
                 if cfg.fsdp:  # reduce-scatter gradients on the last micro-step only
                     model.set_requires_gradient_sync(micro == accum - 1)
@@ -638,10 +567,8 @@ def run(argv):
                 # Every micro-batch holds the same number of tokens, so dividing each mean by the number
                 # of micro-steps makes the accumulated gradient exactly that of the mean over the batch.
                 scaler.scale(losses["total"] / accum).backward()
-                parts = torch.stack([losses[k].detach().float() for k in logged])
-                sums = parts if sums is None else sums + parts
-                if "expert_counts" in losses:  # (n_moe_layers, E) tokens per expert, summed over micro-steps
-                    counts = losses["expert_counts"] if counts is None else counts + losses["expert_counts"]
+                sums += torch.stack([losses[k].detach().float() for k in logged])
+                counts = counts + losses.get("expert_counts", 0)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
@@ -658,8 +585,8 @@ def run(argv):
                 if cfg.on_nonfinite == "stop" and not scaler.is_enabled():
                     raise NonFiniteLoss(f"{what}; {keep}. Lower --learning_rate, or pass --on_nonfinite=skip")
                 if skipped > MAX_SKIPPED_IN_A_ROW:
-                    raise NonFiniteLoss(f"{what}: {skipped} steps in a row skipped (the limit is "
-                                        f"{MAX_SKIPPED_IN_A_ROW}), the weights are broken; {keep}. Lower --learning_rate")
+                    raise NonFiniteLoss(f"{what}: {skipped} steps in a row skipped (the limit is {MAX_SKIPPED_IN_A_ROW}),"
+                                        f" the weights are broken; {keep}. Lower --learning_rate")
                 say(f"warning: {what}; step skipped")
             bar.update(1)
             timed_steps += 1
@@ -669,24 +596,24 @@ def run(argv):
                 if world_size > 1:  # log the global batch: average over processes
                     dist.all_reduce(means)
                     means /= world_size
-                means = means.tolist()
-                record = {"iter": it + 1, "loss": means[0], **dict(zip(logged[1:], means[1:])), "lr": lr}
-                if counts is not None:  # load balance of this step's global batch: counts summed over ranks
+                means = dict(zip(logged, means.tolist()))
+                record = {"iter": it + 1, "loss": means.pop("total"), **means, "lr": lr}
+                if mcfg.n_experts:  # load balance of this step's global batch: counts summed over ranks
                     if world_size > 1:
                         dist.all_reduce(counts)
                     stats = expert_balance_stats(counts)
                     record.update(moe_imbalance=stats["imbalance"], moe_idle=stats["idle"])
-                if device.type == "cuda":
+                if cuda:
                     record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if master:
                     append_jsonl(log_path, record)
                 elapsed = time.time() - t0
                 tok_s = tokens_per_iter * timed_steps / elapsed
                 mfu = f" mfu {100 * flops['total'] * tok_s / (peak * world_size):.1f}%" if peak else ""
-                parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in record.items() if k not in ("iter", "loss", "lr"))
-                say(f"iter {it + 1}: loss {means[0]:.4f} ({parts}) lr {lr:.2e} norm {norm:.2f} "
-                    f"{1000 * elapsed / timed_steps:.0f} ms/iter {tok_s:,.0f} tok/s{mfu}")
+                shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                                 if k != "lr")
+                say(f"{shown} lr {lr:.2e} norm {norm:.2f} {1000 * elapsed / timed_steps:.0f} ms/iter "
+                    f"{tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
     if lock:
         os.remove(lock)
@@ -697,16 +624,16 @@ def main(argv):
     code = 0
     try:
         run(argv)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 3
+        code = 3 if isinstance(e, NonFiniteLoss) else 2
     if dist.is_initialized():
-        # A rank that destroys its process group while a peer is still inside a collective (rank 0
-        # writing the last checkpoint, say) can die at exit in gloo's/NCCL's C++ teardown ("terminate
-        # called without an active exception", SIGABRT): so first wait for every rank, then destroy.
+        # Teardown order, or a rank can die at exit with "terminate called without an active exception"
+        # (SIGABRT): destroy_process_group only drops the group's global references, while the DDP/FSDP
+        # objects hold the group and its last async work in reference cycles that outlive run(). Left to
+        # interpreter finalization, gloo's C++ threads free tensors without a working interpreter. So:
+        # collect those objects now, wait until every rank is done with its collectives, then destroy.
+        gc.collect()
         if code == 0:
             dist.barrier()
         dist.destroy_process_group()
