@@ -149,3 +149,23 @@ def test_missing_safetensors_gives_install_hint(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="pip install safetensors"):
         export_hf(GPT(tiny_config()), str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
+
+
+def test_sample_py_exports_a_trained_checkpoint_and_refuses_moe_in_one_line(tmp_path):
+    """The command a user runs: sample.py --export_hf on train.py's checkpoint (the tokenizer and
+    end-of-text id come from the checkpoint); an MoE checkpoint is one line and exit code 2."""
+    from conftest import ROOT, TINY, make_dataset, run_script
+    import train
+    data = make_dataset(tmp_path / "data")
+    assert train.main([*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'dense'}", "--max_iters=1"]) == 0
+    out = run_script(ROOT / "sample.py", f"--out_dir={tmp_path / 'dense'}", f"--export_hf={tmp_path / 'hf'}",
+                     timeout=120)
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == 59 and config["num_hidden_layers"] == 2  # make_dataset: eot = vocab - 1
+    assert train.main([*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'moe'}", "--max_iters=1",
+                       "--n_experts=4", "--moe_top_k=1"]) == 0
+    out = run_script(ROOT / "sample.py", f"--out_dir={tmp_path / 'moe'}", f"--export_hf={tmp_path / 'hf2'}",
+                     timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "MoE" in out.stderr
+    assert not (tmp_path / "hf2").exists()
