@@ -453,7 +453,9 @@ def test_interrupted_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
 
 def test_killed_or_interrupted_process_leaves_no_dataset(tmp_path):
     corpus = tmp_path / "big.txt"
-    corpus.write_text(("a line of text for the byte tokenizer\n" * 200 + "\n") * 4000)  # ~30 MB
+    # ~240 MB, seconds of work even on a fast machine: the signal must land while the run is under way
+    # (a 30 MB corpus was sometimes finished between the check below and the kill, on an idle machine).
+    corpus.write_text(("a line of text for the byte tokenizer\n" * 200 + "\n") * 32000)
     partial_train = tmp_path / "data/.big.partial/train.bin"
     for sig, num_proc in ((signal.SIGKILL, 1), (signal.SIGINT, 2)):  # SIGINT to the group, as Ctrl-C sends it
         stale = partial_train.stat().st_mtime_ns if partial_train.exists() else None  # what the killed run left
