@@ -143,7 +143,10 @@ def build_corpus(out_root, tokenizer, tiktoken_file, max_bytes, num_proc, val_ev
     os.makedirs(partial, exist_ok=True)
     dtype = prepare_data.token_dtype(tok.vocab_size)
     counts, start, input_bytes, top = {}, time.time(), 0, 0
-    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, tiktoken_file)) as pool:
+    # spawn, not fork: a worker forked from a process that has run torch or tiktoken's threads can inherit a
+    # held lock and wait forever (seen once in the test suite)
+    with multiprocessing.get_context("spawn").Pool(num_proc, initializer=_init_worker,
+                                                   initargs=(tokenizer, tiktoken_file)) as pool:
         for s, paths in split.items():
             tasks = [paths[i:i + 32] for i in range(0, len(paths), 32)]  # ~0.5 MB of source per task
             with open(os.path.join(partial, f"{s}.bin"), "wb") as f:

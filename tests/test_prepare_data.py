@@ -461,7 +461,9 @@ def test_killed_or_interrupted_process_leaves_no_dataset(tmp_path):
         stale = partial_train.stat().st_mtime_ns if partial_train.exists() else None  # what the killed run left
         proc = subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), f"--input={corpus}",
                                  "--txt_split=blank_lines", f"--out_dir={tmp_path / 'data'}", f"--num_proc={num_proc}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                # a test run started in the background inherits SIGINT ignored: give it back
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 20
         while time.time() < deadline and proc.poll() is None:
             try:
@@ -473,7 +475,7 @@ def test_killed_or_interrupted_process_leaves_no_dataset(tmp_path):
         assert proc.poll() is None, "prepare finished before it could be stopped: make the corpus bigger"
         os.killpg(proc.pid, sig)
         err = proc.communicate(timeout=60)[1]
-        assert not (tmp_path / "data/big").exists() and not (tmp_path / "data/.big.partial/meta.json").exists()
+        assert not (tmp_path / "data/big").exists() and not (tmp_path / "data/.big.partial/meta.json").exists(), (sig, proc.returncode, err)
         with pytest.raises(train.UsageError, match="no meta.json"):
             train.read_meta(str(tmp_path / "data/.big.partial"))
     assert (proc.returncode, err) == (130, "prepare_data.py: interrupted; no dataset was written\n")
