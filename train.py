@@ -1,24 +1,20 @@
 """
 Train a GPT with next-token + next-implicit-token prediction (NITP), on one device or many.
 
-    python prepare_data.py                        # the embedded default corpus -> data/stdlib
-    python train.py                               # NITP with the paper's defaults
-    python train.py --nitp_weight=0               # the plain next-token baseline
-    python train.py config/cpu_tiny.py --max_iters=400
+    python train.py                                         # NITP, the paper's defaults, on data/stdlib
+    python train.py config/cpu_tiny.py --nitp_weight=0      # a preset, then a flag: here the NTP baseline
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
-Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config file (`key = value`
-lines, see config/) sets several; flags override files. Writes out_dir/log.jsonl (one JSON record per line),
-out_dir/ckpt.pt (replaced atomically) and out_dir/config.json. `--init_from=resume` continues from ckpt.pt with the
-same data order, random state and loss scale, so a resumed run ends where an uninterrupted one would have.
-Reading order: the config; small pure helpers; then run(): the setup, and the training loop in the order things happen.
+Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config file of `key = value`
+lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
+and config.json; `--init_from=resume` continues ckpt.pt with the same data order, random state and loss scale.
+Reading order: the config, the command line, batches, schedule and evaluation, then run(): the setup, then the loop.
 """
 import argparse
 import ast
 import dataclasses
 import difflib
 import gc
-import glob
 import json
 import math
 import os
@@ -35,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+import dataset
+from dataset import batch_offsets, get_batch, val_offsets
 from model import GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint, save_checkpoint
 from nitp import effective_rank, mean_pairwise_cosine
 
@@ -123,171 +121,61 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def converter(name, typ):
-    """--name's text (or a config file's literal) -> typ, with an error that says what was expected."""
+    """--name's text -> typ, with an error that says what was expected."""
     truth = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-    expected = "true/false" if typ is bool else typ.__name__
 
     def convert(text):
         try:
-            return truth[str(text).lower()] if typ is bool else typ(str(text))
+            return truth[text.lower()] if typ is bool else typ(text)
         except (KeyError, ValueError):
-            raise argparse.ArgumentTypeError(f"--{name}={text}: expected {expected}") from None
+            raise argparse.ArgumentTypeError(f"--{name}={text}: expected {'true/false' if typ is bool else typ.__name__}")
     return convert
 
 
-def did_you_mean(key, names):
-    close = difflib.get_close_matches(key, names, n=1)
-    return f" (did you mean --{close[0]}?)" if close else " (see TrainConfig in train.py and GPTConfig in model.py)"
-
-
-def read_config_file(path, fields):
-    """A config file holds `key = literal` lines (no code is executed, unlike nanoGPT's exec)."""
+def read_config_file(path):
+    """A config file's `key = literal` lines as flags ["--key=value", ...]; nothing in it is executed (nanoGPT execs)."""
     try:
         with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=path)
+            body = ast.parse(f.read(), filename=path).body
     except (OSError, SyntaxError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte
         why = "it is not UTF-8 text, save it as UTF-8" if isinstance(e, UnicodeDecodeError) else e
         raise UsageError(f"cannot read config file {path}: {why}") from None
-    values = {}
-    for node in tree.body:
+    flags = []
+    for node in body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        where = f"{path}:{node.lineno}"
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise UsageError(f"{where}: only `key = value` lines are allowed in a config file")
-        if (key := node.targets[0].id) not in fields:
-            raise UsageError(f"{where}: unknown knob '{key}'{did_you_mean(key, fields)}")
         try:
-            values[key] = converter(key, type(fields[key].default))(ast.literal_eval(node.value))
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UsageError(f"{where}: {e if str(e).startswith('--') else 'the value must be a literal'}") from None
-    return values
+            flags.append(f"--{node.targets[0].id}={ast.literal_eval(node.value)}")
+        except (AttributeError, IndexError, ValueError):  # not `name = literal`
+            raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file") from None
+    return flags
 
 
 def parse_args(argv):
-    """-> (TrainConfig, dict of GPTConfig overrides). Config files in order, then the flags."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)}
+    """-> (TrainConfig, dict of GPTConfig overrides): the config files in order, then the flags, which win."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)]
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for name, f in fields.items():
-        parser.add_argument(f"--{name}", type=converter(name, type(f.default)), default=argparse.SUPPRESS,
+    for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig):
+        parser.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
                             metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
-    args, unknown = parser.parse_known_args(argv)
+    files = parser.parse_known_args(argv)[0].config_files
+    args, unknown = parser.parse_known_args([flag for path in files for flag in read_config_file(path)] + argv)
     if unknown:
-        key = unknown[0].lstrip("-").partition("=")[0]
-        raise UsageError(f"unknown knob or argument '{unknown[0]}'{did_you_mean(key, fields)}")
-    values = {k: v for path in args.config_files for k, v in read_config_file(path, fields).items()}
-    values.update({k: v for k, v in vars(args).items() if k != "config_files"})  # flags override files
-    train_names = TrainConfig.__dataclass_fields__
+        close = difflib.get_close_matches(unknown[0].lstrip("-").partition("=")[0], fields, n=1)
+        raise UsageError(f"unknown knob or argument '{unknown[0]}'{'' if unknown[0] in argv else ' in a config file'}"
+                         + (f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and model.GPTConfig)"))
+    values, train_fields = vars(args), TrainConfig.__dataclass_fields__
     try:
-        cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
-        model_args = {k: v for k, v in values.items() if k not in train_names}
-        GPTConfig(**model_args)  # validate the model knobs now, before any data is read
+        cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+        model_args = {k: v for k, v in values.items() if k not in train_fields and k != "config_files"}
+        GPTConfig(**model_args)  # check the model knobs now, before any data is read
     except ValueError as e:
         raise UsageError(str(e)) from None
     return cfg, model_args
 
 
-# --- data: what prepare_data.py writes (meta.json + flat ids), and llm.c shards
-def read_meta(data_dir):
-    """The dataset folder's meta.json, checked for what training needs: vocab_size and dtype."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        hint = "python prepare_data.py" + ("" if name == "stdlib" else f" --input=YOUR_FILES --name={name}")
-        raise UsageError(f"no dataset in {data_dir} (no meta.json): build it with `{hint}`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:  # not JSON, not UTF-8
-        raise UsageError(f"{path} is not readable JSON ({e}): rebuild the dataset with prepare_data.py") from None
-    if not isinstance(meta, dict):
-        raise UsageError(f"{path} is not a JSON object: rebuild the dataset with prepare_data.py")
-    dtype, vocab = meta.get("dtype"), meta.get("vocab_size")
-    if dtype not in ("uint16", "uint32") or type(vocab) is not int or vocab < 1:  # what prepare_data.py writes
-        raise UsageError(f"{path} has dtype {dtype!r} and vocab_size {vocab!r}, where uint16 or uint32 and a positive "
-                         f"integer are needed: rebuild the dataset with prepare_data.py")
-    return meta
-
-
-def load_split(data_dir, split, meta):
-    """One split's token ids ("train" or "val") as a read-only little-endian memmap."""
-    path, dtype = os.path.join(data_dir, f"{split}.bin"), np.dtype(meta["dtype"]).newbyteorder("<")
-    size, promised = os.path.getsize(path) if os.path.isfile(path) else 0, meta.get(f"{split}_tokens")
-    if size == 0 or size % dtype.itemsize or (type(promised) is int and size != promised * dtype.itemsize):
-        raise UsageError(f"{path} is missing, empty or not the {promised} tokens meta.json promises: "
-                         f"rebuild the dataset with prepare_data.py")
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
-def read_llmc_shard(path):
-    """The uint16 ids of an llm.c shard (256 x int32 header: magic 20240520, version 1, count)."""
-    size = os.path.getsize(path)
-    header = np.fromfile(path, dtype="<i4", count=256) if size >= 1024 else np.zeros(3, dtype="<i4")
-    if header[0] != 20240520 or header[1] != 1 or size != 1024 + 2 * int(header[2]):
-        raise UsageError(f"{path} is not an llm.c token shard (bad header, or {size} bytes where the header "
-                         f"promises {1024 + 2 * int(header[2])}): regenerate it")
-    return np.memmap(path, dtype="<u2", mode="r", offset=1024, shape=(int(header[2]),))
-
-
-class ShardedTokens:
-    """llm.c shards seen as one sequence, memory-mapped; a window across a boundary is stitched."""
-    def __init__(self, pattern):
-        self.shards = [read_llmc_shard(p) for p in sorted(glob.glob(pattern))]
-        if not self.shards:
-            raise UsageError(f"no llm.c shard matches {pattern!r}: give a glob such as 'fineweb10B/fineweb_train_*.bin'")
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,)
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def __getitem__(self, window):  # a slice start:stop -> the pieces of every shard it overlaps, joined
-        start, stop = window.start, window.stop
-        return np.concatenate([s[max(0, start - a):stop - a] for s, a in zip(self.shards, self.starts)
-                               if a < stop and a + len(s) > start])
-
-
-def load_data(cfg):
-    """(train tokens, val tokens, meta, where): a prepared dataset folder, or llm.c shards by glob."""
-    if cfg.train_shards or cfg.val_shards:
-        if not (cfg.train_shards and cfg.val_shards):
-            raise UsageError("give both --train_shards and --val_shards (globs of llm.c .bin shards)")
-        meta = {"vocab_size": 50257, "tokenizer": "gpt2", "eot_token": 50256}  # llm.c's shards hold GPT-2 ids
-        return ShardedTokens(cfg.train_shards), ShardedTokens(cfg.val_shards), meta, cfg.train_shards
-    data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
-    meta = read_meta(data_dir)
-    train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
-    # An id >= vocab_size would fail deep inside the first forward: check now (the recorded maximum, or a chunked scan).
-    top = meta.get("max_token_id")
-    if type(top) is not int:
-        top = max(int(d[i:i + (1 << 24)].max()) for d in (train_data, val_data) for i in range(0, len(d), 1 << 24))
-    if top >= meta["vocab_size"]:
-        raise UsageError(f"{data_dir} holds token id {top} but its meta.json says vocab_size={meta['vocab_size']}: "
-                         f"the files do not match; rebuild the dataset with prepare_data.py")
-    return train_data, val_data, meta, data_dir
-
-
-def batch_offsets(n_tokens, block_size, batch_size, seed, step, micro):
-    """Start offsets of one micro-batch, a pure function of (seed, step, global micro-batch index): no sampler state
-    to save, the same tokens whatever the number of processes; rank r's micro-step m reads r * accumulation + m."""
-    return np.random.default_rng([seed, step, micro]).integers(0, n_tokens - block_size - 1, size=batch_size)
-
-
-def get_batch(data, offsets, block_size, device):
-    """Inputs x and targets y (B, T): y is x shifted left by one token."""
-    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets]).astype(np.int64))  # (B, T+1)
-    # pinned host memory on CUDA: the copy does not wait for the GPU to be idle
-    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
-    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-
-
-def val_offsets(n_tokens, block_size, batch_size, eval_iters):
-    """Evenly spaced windows over the validation split, fixed for the whole run (and across runs)."""
-    starts = np.linspace(0, n_tokens - block_size - 1, num=batch_size * eval_iters).astype(np.int64)
-    return starts.reshape(eval_iters, batch_size)
-
-
-# --- schedule, evaluation, the out_dir, the device
+# --- schedule, evaluation, the log
 def get_lr(it, cfg):
     """lr for optimizer step `it` (0-based). Warmup starts at lr/(warmup+1), not 0, so the first step already learns.
     wsd: then constant, then linear decay to min_lr over the last decay_frac (paper). cosine: then cosine to min_lr."""
@@ -338,114 +226,66 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
-def lock_out_dir(out_dir):
-    """Create out_dir and lock it with a file holding our host and PID (one whose process is gone is taken over)."""
-    path, me = os.path.join(out_dir, "train.lock"), socket.gethostname()
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(path):
-            host, _, pid = open(path).read().strip().partition(" ")
-            try:  # signal 0 only asks whether the process exists
-                alive = host != me or (pid.isdigit() and int(pid) != os.getpid() and os.kill(int(pid), 0) is None)
-            except ProcessLookupError:
-                alive = False
-            if alive:
-                raise UsageError(f"{out_dir} is in use by another training run (process {pid} on {host}); wait for "
-                                 f"it, pick another --out_dir, or delete {path} if that run is gone")
-            os.remove(path)  # stale: its process died (or an earlier run in this one stopped)
-        with open(path, "x") as f:  # exclusive: of two runs starting at once, one fails here
-            f.write(f"{me} {os.getpid()}\n")
-        return path
-    except OSError as e:
-        raise UsageError(f"cannot use out_dir {out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
-
-
-def trim_log(path, last_iter):
-    """Drop records past the checkpoint's step, left by a crash after it: after a resume the log reads as one run."""
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                keep += [line] if json.loads(line)["iter"] <= last_iter else []
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by the crash
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
 def append_jsonl(path, record):
     with open(path, "a") as f:  # opened per record, so a crash loses nothing already logged
         f.write(json.dumps(record) + "\n")
 
 
-def pick_device(cfg, local_rank, world_size, say):
-    """(device, autocast dtype) for --device and --dtype; a dtype the device cannot do falls back to float32."""
-    mps = torch.backends.mps.is_available()
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
-        what = "CUDA GPU" if name.startswith("cuda") else "MPS device"
-        raise UsageError(f"--device={name} but torch {torch.__version__} sees no {what} here: use --device=cpu")
-    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    if device.type == "cuda":
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in float32
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = ("bfloat16" if bf16 else "float32") if cfg.dtype == "auto" else cfg.dtype
-    if dtype != "float32" and device.type != "cuda" or dtype == "bfloat16" and not bf16:
-        say(f"notice: dtype={dtype} is not supported on this {device.type} device; training in float32")
-        dtype = "float32"
-    return device, getattr(torch, dtype)
-
-
-def git_hash():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 # --- the run
 def run(argv):
-    # --- setup: knobs, processes, device, data, model, optimizer, resume state
+    # --- setup: knobs, processes, device and precision (a dtype the device cannot do falls back to float32)
     cfg, model_args = parse_args(argv)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
+    world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
-    device, ptdtype = pick_device(cfg, local_rank, world_size, say)
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
+    mps = torch.backends.mps.is_available()
+    name = {"auto": "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"}.get(
+        cfg.device, cfg.device)
+    if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
+        what = "MPS device" if name == "mps" else "CUDA GPU"
+        raise UsageError(f"--device={name} but torch {torch.__version__} sees no {what} here: use --device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     cuda = device.type == "cuda"
+    if cuda and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in float32
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = ("bfloat16" if bf16 else "float32") if cfg.dtype == "auto" else cfg.dtype
+    if dtype != "float32" and not cuda or dtype == "bfloat16" and not bf16:
+        say(f"notice: dtype={dtype} is not supported on this {device.type} device; training in float32")
+        dtype = "float32"
+    ptdtype = getattr(torch, dtype)
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
     if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    elif cfg.fsdp:
-        raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
-    train_data, val_data, meta, data_where = load_data(cfg)
+
+    # --- data, the model's shape, the batch
+    train_data, val_data, meta, where = dataset.load(cfg.data_dir or os.path.join("data", cfg.dataset),
+                                                     cfg.train_shards, cfg.val_shards)
     vocab = meta["vocab_size"]
     if model_args.get("vocab_size", vocab) < vocab:
         raise UsageError(f"vocab_size={model_args['vocab_size']} is below the dataset's {vocab} ids (meta.json): "
                          f"drop --vocab_size or set it >= {vocab}")
     mcfg = GPTConfig(**{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
-        raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {data_where} ({len(train_data)} "
+        raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
     accum, per_micro = cfg.gradient_accumulation_steps, cfg.batch_size * mcfg.block_size * world_size
-    if cfg.total_batch_size:
-        if cfg.total_batch_size % per_micro:
-            raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
-                             f"* world_size = {per_micro} tokens: make it one")
-        accum = cfg.total_batch_size // per_micro
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt = None
-    if cfg.init_from == "resume":  # refuse a checkpoint of another model shape; name any schedule knob that changed
+    if cfg.total_batch_size % per_micro:
+        raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
+                         f"* world_size = {per_micro} tokens: make it one")
+    accum = cfg.total_batch_size // per_micro or accum
+
+    # --- the checkpoint to resume: refuse one of another model shape; name any schedule knob that changed
+    ckpt_path, log_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl"), None
+    if cfg.init_from == "resume":
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
-        ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num", "rng_states"))
+        ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num"))
         saved, old = ckpt["model_config"], ckpt.get("train_config", {})
         differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
                               for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
@@ -456,38 +296,58 @@ def run(argv):
         if changed:
             say(f"notice: the schedule differs from the checkpoint's ({', '.join(changed)}); the learning rate "
                 f"follows the new one from step {ckpt['iter_num']} on")
-    lock = lock_out_dir(cfg.out_dir) if master else None
 
+    # --- one run per out_dir: a lock file naming host and PID; a lock whose process is gone is taken over
+    lock, me = os.path.join(cfg.out_dir, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
+    if master:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            host, _, pid = (open(lock).read() if os.path.exists(lock) else me).strip().partition(" ")
+            try:  # signal 0 only asks whether the process exists
+                alive = host != me.split()[0] or int(pid) != os.getpid() and os.kill(int(pid), 0) is None
+            except (ProcessLookupError, ValueError):
+                alive = False
+            if alive:
+                raise UsageError(f"{cfg.out_dir} is in use by another training run (process {pid} on {host}); wait "
+                                 f"for it, pick another --out_dir, or delete {lock} if that run is gone")
+            if os.path.exists(lock):
+                os.remove(lock)
+            with open(lock, "x") as f:  # exclusive: of two runs starting at once, one fails here
+                f.write(me + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
+
+    # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(mcfg).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # full tensors, before any sharding
     if cfg.fsdp:  # one all-gather per block in forward and one reduce-scatter in backward; the root holds the rest
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype,
-                                      reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else ptdtype, reduce_dtype=torch.float32)
         for block in model.transformer.h:
             if cfg.compile:
                 block.compile()  # per block: FSDP's hooks stay outside the compiled graphs
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # embeddings, ln_f, lm_head, nitp_head
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     start_iter = 0 if ckpt is None else ckpt["iter_num"]
     if ckpt is not None:  # the file holds full, name-keyed state: it loads with or without FSDP
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("world_size") == world_size:  # each rank continues its own random stream
-            torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
-            if cuda and ckpt["rng_states"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"], device)
-        else:
-            say(f"notice: resuming with {world_size} processes instead of {ckpt.get('world_size')}: the random "
-                f"state is re-seeded; the data order is unchanged only if the global batch is")
-        if master and os.path.exists(log_path):
-            trim_log(log_path, start_iter)
+        if master and os.path.exists(log_path):  # drop the records a crash left past the checkpoint's step
+            keep = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        keep += [line] if json.loads(line)["iter"] <= start_iter else []
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by the crash
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + ".tmp", log_path)
         del ckpt
     raw_model = model  # saved and evaluated for geometry: no _orig_mod. or module. prefixes
     # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast.
@@ -502,10 +362,12 @@ def run(argv):
     peak = cfg.peak_flops or (cuda and next(
         (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
     if master:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
-                       "torch": torch.__version__, "git": git_hash(), "argv": argv}, f, indent=2)
+                       "torch": torch.__version__, "git": git, "argv": argv}, f, indent=2)
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M at "
         f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
         f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
@@ -527,21 +389,15 @@ def run(argv):
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 if it > 0 and skipped:
                     say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
-                elif it > 0:  # collectives on every rank, saved by rank 0: each rank's random state (dropout resumes
-                    # exactly) and full tensors keyed by parameter name, gathered from the shards under FSDP
-                    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
-                    rng_states = [rng] * world_size
-                    if world_size > 1:
-                        dist.all_gather_object(rng_states, rng)
+                elif it > 0:  # full tensors keyed by parameter name (gathered from the shards under FSDP: a
+                    # collective on every rank), saved by rank 0
                     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
                     state = {"model": get_model_state_dict(raw_model, options=options),
                              "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=options)}
                     if master:
                         save_checkpoint(ckpt_path, {
                             **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
-                            "rng_states": rng_states, "world_size": world_size,
-                            "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
                 break
@@ -560,8 +416,12 @@ def run(argv):
                     model.set_requires_gradient_sync(micro == accum - 1)
                 elif world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
                     train_model.require_backward_grad_sync = micro == accum - 1
-                offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it, rank * accum + micro)
+                # The data and the dropout masks of a micro-batch depend on (seed, step, global micro-batch index) alone:
+                # no random state to save, and the same run on any number of processes.
+                g = rank * accum + micro
+                offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it, g)
                 x, y = get_batch(train_data, offsets, mcfg.block_size, device)
+                torch.manual_seed(int(np.random.SeedSequence([cfg.seed, it, g]).generate_state(1)[0]))
                 with ctx:
                     _, losses = train_model(x, y, **weight)
                 # Every micro-batch holds the same number of tokens, so dividing each mean by the number
@@ -615,7 +475,7 @@ def run(argv):
                 say(f"{shown} lr {lr:.2e} norm {norm:.2f} {1000 * elapsed / timed_steps:.0f} ms/iter "
                     f"{tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
-    if lock:
+    if master:
         os.remove(lock)
 
 
@@ -624,15 +484,12 @@ def main(argv):
     code = 0
     try:
         run(argv)
-    except (UsageError, CheckpointError, NonFiniteLoss) as e:
+    except (UsageError, dataset.DatasetError, CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
     if dist.is_initialized():
-        # Teardown order, or a rank can die at exit with "terminate called without an active exception"
-        # (SIGABRT): destroy_process_group only drops the group's global references, while the DDP/FSDP
-        # objects hold the group and its last async work in reference cycles that outlive run(). Left to
-        # interpreter finalization, gloo's C++ threads free tensors without a working interpreter. So:
-        # collect those objects now, wait until every rank is done with its collectives, then destroy.
+        # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its last async
+        # work in reference cycles that outlive run(), and gloo's threads must not meet interpreter finalization.
         gc.collect()
         if code == 0:
             dist.barrier()

@@ -53,7 +53,8 @@ import torch
 import prepare_data
 from experiments import probe
 from model import GPT, GPTConfig, flops_per_token, load_checkpoint
-from train import ArgumentParser, UsageError, load_split, read_meta
+from dataset import DatasetError, load_split, read_meta
+from train import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSUMED_FLOPS = 2.5e14  # sustained FLOP/s on one H100/H200 (25% of the bf16 peak), see the docstring
@@ -433,7 +434,7 @@ def main(argv):
         common = train_args(p, data_dir, args.seed, args.smoke)
         for name, extra in (("ntp", ["--nitp_weight=0"]), ("nitp", [])):
             watch_run(name, common + extra, args.out, log, p, data, device, say)
-    except (UsageError, prepare_data.PrepareError, probe.ProbeError) as e:
+    except (UsageError, DatasetError, prepare_data.PrepareError, probe.ProbeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 from nitp import effective_rank, implicit_token_loss, mean_pairwise_cosine
-from train import ArgumentParser, UsageError, load_split, read_meta, val_offsets
+from dataset import DatasetError, load_split, read_meta, val_offsets
+from train import ArgumentParser, UsageError
 
 PROXY_NOTE = ("retrieval is a proxy, not MTEB: first half of a held-out document -> its second half among N, "
               "by cosine of mean-pooled final states")
@@ -225,7 +226,7 @@ def dataset_of(ckpt, path, data_dir):
     try:
         meta = read_meta(data_dir)
         val = load_split(data_dir, "val", meta)
-    except UsageError as e:
+    except DatasetError as e:
         raise ProbeError(f"{e} (the dataset for {path}; or pass --data_dir=DIR)") from None
     trained_on = (ckpt.get("data") or {}).get("tokenizer")
     if trained_on and meta.get("tokenizer") and trained_on != meta["tokenizer"]:

@@ -18,7 +18,7 @@ MUTATIONS = [  # (what, file, line as it is, line with the bug, the test that mu
  ("moe_aux mean", "model.py", 'losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()', 'losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).sum()', "tests/test_moe.py::test_moe_aux_is_the_mean_of_the_per_layer_balance_losses"),
  ("accumulation scale", "train.py", 'scaler.scale(losses["total"] / accum).backward()', 'scaler.scale(losses["total"]).backward()', "tests/test_train.py::test_gradient_accumulation_equals_gradient_of_the_mean_loss"),
  ("ddp sync every micro-step", "train.py", 'train_model.require_backward_grad_sync = micro == accum - 1', 'train_model.require_backward_grad_sync = True', "tests/test_train.py::test_ddp_syncs_gradients_on_the_last_micro_step_only"),
- ("batch targets", "train.py", 'return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()', 'return xy[:, :-1].contiguous(), xy[:, :-1].contiguous()', "tests/test_train.py::test_targets_are_inputs_shifted_by_one"),
+ ("batch targets", "dataset.py", 'return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()', 'return xy[:, :-1].contiguous(), xy[:, :-1].contiguous()', "tests/test_train.py::test_targets_are_inputs_shifted_by_one"),
  ("eval on train data", "train.py", 'val = evaluate(model, val_data, val_windows,', 'val = evaluate(model, train_data, val_windows,', "tests/test_train.py::test_evaluation_reads_only_validation_data"),
  ("eval leaves eval mode", "train.py", '''        dist.all_reduce(sums)
     model.train()''', '''        dist.all_reduce(sums)''', "tests/test_train.py::test_evaluation_is_deterministic_and_leaves_training_mode_with_dropout"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prepare_data
-import train
+import dataset
 from conftest import GPT2_FILE, TINY, make_dataset, needs_gpt2, read_log, run_script
 from experiments import gpu_nitp, probe, run_experiments
 from model import GPT, GPTConfig
@@ -238,7 +238,7 @@ def test_gpu_corpus_is_this_pythons_sources_in_prepare_data_format(tmp_path, tok
     assert sum(size for _, size in files) >= 300_000 and meta["input_bytes"] == sum(size for _, size in files)
     assert meta["val_documents"] == len(files[::5]) and meta["train_documents"] == len(files) - len(files[::5])
     tok = prepare_data.get_tokenizer(tokenizer, tiktoken_file)
-    val = train.load_split(folder, "val", train.read_meta(folder))  # train.py reads it
+    val = dataset.load_split(folder, "val", dataset.read_meta(folder))  # train.py reads it
     docs = probe.split_documents(val, meta["eot_token"])
     assert val[0] == meta["eot_token"] and len(docs) == meta["val_documents"]
     with open(files[0][0], "rb") as f:

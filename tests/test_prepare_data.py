@@ -2,8 +2,8 @@
 
     python -m pytest -q tests/test_prepare_data.py
 
-The datasets written here are read back with train.py's own readers (train.read_meta, train.load_split,
-train.read_llmc_shard), so a round trip ties the writer to the reader. The GPT-2 tests build the tokenizer
+The datasets written here are read back with the readers train.py uses (dataset.read_meta, dataset.load_split,
+dataset.read_llmc_shard), so a round trip ties the writer to the reader. The GPT-2 tests build the tokenizer
 offline from a local copy of the GPT-2 ranks (a .tiktoken file, never committed): $NITP_GPT2_TIKTOKEN if
 set, else ../shared/tokenizers/gpt2.tiktoken; they are skipped, saying how to point them at the file, when
 it is absent. Everything else needs no file and no network.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import prepare_data as pd
-import train
+import dataset
 from prepare_data import PrepareConfig, PrepareError, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,12 +44,12 @@ def write_docs(folder: Path, texts, suffix=".txt") -> list[Path]:
 
 def read_split(folder: Path, split: str) -> np.ndarray:
     """A split's ids as train.py reads them."""
-    return np.asarray(train.load_split(str(folder), split, train.read_meta(str(folder))), dtype=np.int64)
+    return np.asarray(dataset.load_split(str(folder), split, dataset.read_meta(str(folder))), dtype=np.int64)
 
 
 def split_documents(folder: Path, split: str, tokenizer=None) -> list[str]:
     """Decode a split back into its documents (the eot id comes before each one)."""
-    meta = train.read_meta(str(folder))
+    meta = dataset.read_meta(str(folder))
     tokenizer = tokenizer or pd.get_tokenizer("byte")
     ids = read_split(folder, split)
     assert ids.size and ids[0] == meta["eot_token"]
@@ -59,7 +59,7 @@ def split_documents(folder: Path, split: str, tokenizer=None) -> list[str]:
 def all_documents(folder: Path, tokenizer=None) -> list[str]:
     """Both splits' documents; checks meta.json's max_token_id on the way."""
     top = max(read_split(folder, split).max() for split in ("train", "val"))
-    assert top == train.read_meta(str(folder))["max_token_id"]
+    assert top == dataset.read_meta(str(folder))["max_token_id"]
     return split_documents(folder, "train", tokenizer) + split_documents(folder, "val", tokenizer)
 
 
@@ -377,7 +377,7 @@ def test_shakespeare_uses_the_cache_and_splits_speeches(tmp_path):
     cache.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n\n" * 50)
     meta = prepare(PrepareConfig(source="shakespeare", out_dir=str(tmp_path / "data"), num_proc=1))
     assert meta["train_documents"] + meta["val_documents"] == 100
-    assert train.read_meta(str(tmp_path / "data/shakespeare")) == meta
+    assert dataset.read_meta(str(tmp_path / "data/shakespeare")) == meta
 
 
 def test_shakespeare_offline_error_points_at_input(tmp_path, monkeypatch):
@@ -430,8 +430,8 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(config(tmp_path, [tmp_path / "in"]))
     assert len(calls) == 30 and not (tmp_path / "data").exists()
-    with pytest.raises(train.UsageError, match="python prepare_data.py --input=YOUR_FILES --name=ds"):
-        train.read_meta(str(tmp_path / "data/ds"))
+    with pytest.raises(dataset.DatasetError, match="python prepare_data.py --input=YOUR_FILES --name=ds"):
+        dataset.read_meta(str(tmp_path / "data/ds"))
 
 
 def test_interrupted_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
@@ -447,7 +447,7 @@ def test_interrupted_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         prepare(config(tmp_path, [tmp_path / "in"], seed=7, overwrite=True))
     assert (tmp_path / "data/ds/train.bin").read_bytes() == before
-    assert train.read_meta(str(tmp_path / "data/ds"))["recipe"]["seed"] == 1337
+    assert dataset.read_meta(str(tmp_path / "data/ds"))["recipe"]["seed"] == 1337
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ds"]  # no partial folder left
 
 
@@ -476,8 +476,8 @@ def test_killed_or_interrupted_process_leaves_no_dataset(tmp_path):
         os.killpg(proc.pid, sig)
         err = proc.communicate(timeout=60)[1]
         assert not (tmp_path / "data/big").exists() and not (tmp_path / "data/.big.partial/meta.json").exists(), (sig, proc.returncode, err)
-        with pytest.raises(train.UsageError, match="no meta.json"):
-            train.read_meta(str(tmp_path / "data/.big.partial"))
+        with pytest.raises(dataset.DatasetError, match="no meta.json"):
+            dataset.read_meta(str(tmp_path / "data/.big.partial"))
     assert (proc.returncode, err) == (130, "prepare_data.py: interrupted; no dataset was written\n")
     assert not partial_train.parent.exists()  # the interrupted run cleans up, and what the killed one left
 
@@ -489,7 +489,7 @@ def test_refuses_to_overwrite_a_different_dataset(tmp_path):
     with pytest.raises(PrepareError, match="already holds a different dataset.*--overwrite"):
         prepare(config(tmp_path, [tmp_path / "in"], val_docs=2, seed=1))
     meta = prepare(config(tmp_path, [tmp_path / "in"], val_docs=2, seed=1, overwrite=True))
-    assert train.read_meta(str(tmp_path / "data/ds")) == meta
+    assert dataset.read_meta(str(tmp_path / "data/ds")) == meta
     # A dataset of an older prepare_data.py, whose recipe has other fields, is rebuilt by the same options.
     meta_path = tmp_path / "data/ds/meta.json"
     meta_path.write_text(json.dumps({**meta, "recipe": {**meta["recipe"], "max_bytes": None, "seed": 1}}))
@@ -510,7 +510,7 @@ def test_reader_checks_file_sizes_against_meta(tmp_path):
     prepare(config(tmp_path, [tmp_path / "in"], val_docs=2))
     with open(tmp_path / "data/ds/train.bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(train.UsageError, match="not the .* tokens meta.json promises"):
+    with pytest.raises(dataset.DatasetError, match="not the .* tokens meta.json promises"):
         read_split(tmp_path / "data/ds", "train")
 
 
@@ -521,13 +521,13 @@ def test_llmc_shard_round_trip_and_validation(tmp_path):
     path = tmp_path / "shard.bin"
     pd.write_llmc_shard(path, tokens)
     assert np.fromfile(path, dtype="<i4", count=256)[:3].tolist() == [20240520, 1, tokens.size]
-    back = train.read_llmc_shard(str(path))
+    back = dataset.read_llmc_shard(str(path))
     assert isinstance(back, np.memmap) and np.array_equal(back, tokens)
     (tmp_path / "bad.bin").write_bytes(b"\x01" * 1024 + tokens.tobytes())
     (tmp_path / "short.bin").write_bytes(path.read_bytes()[:-2])
     for name in ("bad.bin", "short.bin"):
-        with pytest.raises(train.UsageError, match=f"{name} is not an llm.c token shard"):
-            train.read_llmc_shard(str(tmp_path / name))
+        with pytest.raises(dataset.DatasetError, match=f"{name} is not an llm.c token shard"):
+            dataset.read_llmc_shard(str(tmp_path / name))
     with pytest.raises(ValueError, match="0..65535"):
         pd.write_llmc_shard(tmp_path / "big.bin", np.array([70000]))
     assert not (tmp_path / "big.bin").exists()
@@ -539,7 +539,7 @@ def test_llmc_option_writes_shards_equal_to_splits(tmp_path):
     folder = tmp_path / "data/ds"
     for split in ("train", "val"):
         (shard,) = meta["llmc_shards"][split]
-        assert np.array_equal(train.read_llmc_shard(str(folder / shard)), read_split(folder, split))
+        assert np.array_equal(dataset.read_llmc_shard(str(folder / shard)), read_split(folder, split))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -554,7 +554,7 @@ def test_cli_builds_a_dataset(tmp_path):
     proc = run_cli("--input=in", "--val_docs=2", "--num_proc=2", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "18 train / 2 val documents" in proc.stdout
-    assert train.read_meta(str(tmp_path / "data/in"))["val_documents"] == 2
+    assert dataset.read_meta(str(tmp_path / "data/in"))["val_documents"] == 2
 
 
 BAD_INPUTS = [  # (arguments, what the one line must say), in a folder that holds the files made below
