@@ -1,18 +1,15 @@
 """
-GPT with the NITP projection head: configuration, blocks and the model, in one file.
+GPT with the NITP projection head, in reading order: the config, the blocks, GPT (its forward holds the NITP
+lines), FLOPs, checkpoint files, and last the mixture-of-experts machinery (routing, then the grouped-matmul
+custom ops). Import it; the scripts are train.py (training) and sample.py (generation and export).
 
-A modern decoder like the paper's models (spec, "Architecture"): RMSNorm, rotary position
-embeddings, grouped-query attention through F.scaled_dot_product_attention, SwiGLU MLPs, no
-biases. Module names follow nanoGPT / Hugging Face (transformer.wte, transformer.h,
-transformer.ln_f, lm_head) plus `nitp_head`, the training-only projection head.
+A modern decoder like the paper's models (spec, "Architecture"): RMSNorm, rotary position embeddings, grouped-query
+attention (F.scaled_dot_product_attention), SwiGLU MLPs, no biases. Module names follow nanoGPT / Hugging Face
+(transformer.wte, transformer.h, transformer.ln_f, lm_head) plus `nitp_head`, the training-only projection head.
 
     logits, losses = model(idx, targets)   # one forward pass
     losses = {"total": back-propagated, "ntp": cross-entropy, "nitp": implicit-token loss (unweighted),
               "moe_aux": balance loss and "expert_counts": tokens per expert (MoE models only)}
-
-Reading order: the config, the blocks, GPT (its forward holds the NITP lines), FLOPs, checkpoint
-files, and last the mixture-of-experts machinery (routing, then the grouped-matmul custom ops).
-Import it; the scripts are train.py (training) and sample.py (generation and export).
 """
 import math
 import os
@@ -41,77 +38,58 @@ class GPTConfig:
     tie_embeddings: bool = False  # share wte and lm_head weights (the paper's models are untied)
     dropout: float = 0.0  # dropout on attention and residual outputs; 0 for pre-training, as the paper
     # --- Mixture of experts (spec, "Architecture": DeepSeek-V2 style, dropless top-k). Off by default ---
-    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off: every block dense, nothing built (paper: 144)
-    n_shared_experts: int = 1  # always-active experts, one SwiGLU of width n_shared_experts * expert_hidden (paper: 1)
+    n_experts: int = 0  # routed experts E per MoE layer; 0 = MoE off: all blocks dense, nothing built (paper: 144)
+    n_shared_experts: int = 1  # always-active experts, one SwiGLU n_shared_experts * expert_hidden wide (paper: 1)
     moe_top_k: int = 8  # K: routed experts per token (paper: 8)
-    expert_hidden: int = 0  # one expert's SwiGLU width; 0 = mlp_hidden / (moe_top_k + n_shared_experts), up to 16 (paper: 544 at d=768)
+    expert_hidden: int = 0  # one expert's SwiGLU width; 0 = mlp_hidden / (K + shared), up to 16 (paper: 544 at d=768)
     n_dense_layers: int = 1  # leading blocks that keep the dense MLP (width mlp_hidden) when MoE is on (paper: 1)
-    moe_aux_weight: float = 0.01  # alpha, weight of the balance loss (mean over MoE layers); paper: not given (DeepSeek-V2: 0.003/layer, summed)
+    moe_aux_weight: float = 0.01  # alpha on the layer-mean balance loss (paper: none; DeepSeek-V2: 0.003/layer, summed)
     moe_renorm: bool = False  # rescale each token's K routing weights to sum to 1 (DeepSeek-V2: no, raw softmax scores)
     # --- NITP (spec, "Defaults") ---
-    nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = round(0.2 * n_layer) (paper: ~20%, e.g. 4 of 17, 3 of 16)
+    nitp_layer: int = -1  # k: target = residual stream after block k (0 = embedding output); -1 = ~20% of depth
     nitp_weight: float = 1.0  # lambda; 0 = the NTP baseline: no head is built, nothing extra computed (paper: 1.0)
-    nitp_loss: str = "cosine"  # "cosine" (paper); ablations: "mse" (diverged), "smooth_l1" (less stable), "generic_cosine" (baseline regulariser: no target, no head)
+    nitp_loss: str = "cosine"  # the paper's; ablations "mse" (diverged), "smooth_l1" (less stable), "generic_cosine"
     # --- the paper's ablation switches; the defaults are the method ---
     nitp_shift: int = 1  # temporal shift: 1 = predict z_{t+1} (paper); 0 = z_t, same position (hurts badly)
     nitp_stop_grad: bool = True  # stop-gradient on the target (paper); False lets layers 1..k co-adapt (worse than NTP)
     nitp_proj: str = "swiglu"  # projection head: "swiglu" d -> 4d -> d (paper) or "none" (compare h_t itself; worse)
 
-    def __post_init__(self):
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.nitp_layer == -1:
-            self.nitp_layer = max(1, round(0.2 * self.n_layer)) if self.n_layer > 1 else 0
+    def __post_init__(self):  # check each field as given, derive the 0 / -1 defaults, then check fields together
+        lowest = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_kv_head=0, n_embd=1, mlp_hidden=0,
+                      n_experts=0, nitp_weight=0)
+        if self.n_experts:  # the MoE fields are read only when MoE is on, so only then checked
+            lowest.update(moe_top_k=1, n_shared_experts=0, expert_hidden=0, n_dense_layers=0, moe_aux_weight=0)
+        choices = dict(nitp_loss=NITP_LOSSES, nitp_shift=(0, 1), nitp_proj=("swiglu", "none"))
         for name, value in vars(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name}={value} must be a finite number")
+            if value < lowest.get(name, value):
+                raise ValueError(f"{name}={value} must be >= {lowest[name]}")
+            if value not in choices.get(name, (value,)):
+                raise ValueError(f"{name}={value!r} must be one of {choices[name]}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be > 0")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        auto_layer = max(1, round(0.2 * self.n_layer)) if self.n_layer > 1 else 0  # ~20% of depth: 4 of 17, 3 of 16
+        self.nitp_layer = auto_layer if self.nitp_layer == -1 else self.nitp_layer
+        if self.n_experts and not self.expert_hidden:  # iso-active: K routed + shared experts as wide as the dense MLP
+            self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
+        if self.n_embd % (2 * self.n_head):  # rotary embeddings rotate pairs of channels within each head
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of 2 * n_head={self.n_head} (even head width)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if not 0 <= self.nitp_layer < self.n_layer:
-            raise ValueError(
-                f"nitp_layer={self.nitp_layer} is out of range: it must be in [0, n_layer-1] = [0, {self.n_layer - 1}] "
-                f"(0 = embedding output, k = after block k; the paper uses ~20% of depth, e.g. {max(1, round(0.2 * self.n_layer))})")
-        if self.nitp_weight < 0:
-            raise ValueError(f"nitp_weight={self.nitp_weight} must be >= 0 (0 = plain next-token baseline)")
-        if self.nitp_loss not in NITP_LOSSES:
-            raise ValueError(f"nitp_loss={self.nitp_loss!r} must be one of {NITP_LOSSES}")
-        if self.nitp_shift not in (0, 1):
-            raise ValueError(f"nitp_shift={self.nitp_shift} must be 1 (next token, paper) or 0 (same position)")
-        if self.nitp_proj not in ("swiglu", "none"):
-            raise ValueError(f"nitp_proj={self.nitp_proj!r} must be 'swiglu' (paper) or 'none'")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.n_experts:
-            self._init_moe()
-
-    def _init_moe(self):
-        """Derive and check the MoE fields; only called when MoE is on (n_experts > 0)."""
-        if self.expert_hidden == 0:  # iso-active: K routed + shared experts together as wide as the dense MLP
-            self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
-        if self.n_experts < 0:
-            raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 = MoE off)")
-        if not 1 <= self.moe_top_k <= self.n_experts:
-            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]: each token "
-                             f"picks K distinct experts; lower moe_top_k or raise n_experts")
-        if self.n_shared_experts < 0 or self.expert_hidden < 1:
-            raise ValueError(f"n_shared_experts={self.n_shared_experts} must be >= 0 and expert_hidden="
-                             f"{self.expert_hidden} >= 1 (0 = derived from mlp_hidden)")
-        if not 0 <= self.n_dense_layers < self.n_layer:
-            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layer-1] = [0, {self.n_layer - 1}] "
-                             f"so that at least one MoE layer is built (paper: 1); for a dense model set n_experts=0")
-        if self.moe_aux_weight < 0:
-            raise ValueError(f"moe_aux_weight={self.moe_aux_weight} must be >= 0 (0 = no balance loss)")
+            raise ValueError(f"nitp_layer={self.nitp_layer} must be in [0, n_layer-1] = [0, {self.n_layer - 1}] (0 = "
+                             f"embedding output, k = after block k; the paper uses ~20% of depth, e.g. {auto_layer})")
+        if self.n_experts and self.moe_top_k > self.n_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be <= n_experts={self.n_experts}: each token picks K "
+                             f"distinct experts; lower moe_top_k or raise n_experts")
+        if self.n_experts and self.n_dense_layers >= self.n_layer:
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be < n_layer={self.n_layer} so that at least "
+                             f"one MoE layer is built (paper: 1); for a dense model set n_experts=0")
 
     @property
     def head_dim(self):
@@ -122,22 +100,15 @@ class GPTConfig:
         return self.nitp_weight > 0
 
     @property
-    def aux_name(self):
-        """The loss-dict key of the auxiliary term: "nitp", or "generic_cos" for the baseline
-        regulariser, which predicts nothing and so is not an implicit-token loss."""
+    def aux_name(self):  # "generic_cos" for the baseline regulariser: it predicts nothing, so it is not "nitp"
         return "generic_cos" if self.nitp_loss == "generic_cosine" else "nitp"
 
     @property
     def has_nitp_head(self):
         return self.nitp and self.nitp_proj == "swiglu" and self.nitp_loss != "generic_cosine"
 
-    def is_moe_layer(self, i):
-        """Whether block i (0-based) gets an MoE feed-forward instead of the dense MLP."""
+    def is_moe_layer(self, i):  # whether block i (0-based) gets an MoE feed-forward instead of the dense MLP
         return self.n_experts > 0 and i >= self.n_dense_layers
-
-    @property
-    def n_moe_layers(self):
-        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
 
 def rotary_tables(head_dim, seq_len, theta):
@@ -150,31 +121,26 @@ def rotary_tables(head_dim, seq_len, theta):
 def apply_rotary(x, cos, sin):
     """Rotate channel pairs (first half, second half) of x (B, H, T, hd) by position angles."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=False)  # fused q, k, v: one matmul
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, (H + 2 Hkv) hd)
-        q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                             self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        hd = self.head_dim
+        qkv = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)  # one matmul
+        q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv)  # q (B, H, T, hd); k, v (B, Hkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, H hd)
         return F.dropout(self.c_proj(y), p=self.dropout, training=self.training)
 
 
@@ -198,9 +164,8 @@ class Block(nn.Module):
         self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        # Dense or MoE, the feed-forward is always `mlp`, so the parameter names keep one layout.
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)  # always `mlp`: one layout
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin):
@@ -210,7 +175,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cos, sin)
         y, stats = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
         return x + F.dropout(y, p=self.dropout, training=self.training), stats
-
 
 
 class GPT(nn.Module):
@@ -232,9 +196,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "experts.c_proj")):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # Training only: predicts the next token's layer-k state from h_t. Not built for the baseline.
-        # Built after the trunk is initialised, so that NTP and NITP runs with one seed start from
-        # the same trunk weights.
+        # Training only, not built for the baseline: predicts the next token's layer-k state from h_t. Built
+        # after the trunk is initialised, so that NTP and NITP runs with one seed start from the same trunk.
         self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
         if self.nitp_head is not None:
             self.nitp_head.apply(self._init_weights)
@@ -244,10 +207,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, include_head=True):
-        n = sum(p.numel() for p in self.parameters())
-        if not include_head and self.nitp_head is not None:
-            n -= sum(p.numel() for p in self.nitp_head.parameters())
-        return n
+        head = 0 if include_head or self.nitp_head is None else sum(p.numel() for p in self.nitp_head.parameters())
+        return sum(p.numel() for p in self.parameters()) - head
 
     def trunk(self, idx):
         """idx (B, T) -> (z, h, routing): the layer-k states z (B, T, C), the implicit-token source;
@@ -269,42 +230,32 @@ class GPT(nn.Module):
         return z, self.transformer.ln_f(x), routing
 
     def forward(self, idx, targets=None, nitp_weight=None):
-        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy.
-        nitp_weight: optional tensor overriding config.nitp_weight (a schedule such as a late start
-        changes its value without recompiling). Returns logits (B, T, V) and the loss dict (None
-        without targets): total (back-propagated), ntp, and nitp (unweighted) when NITP is on
-        (generic_cos instead for that baseline)."""
+        """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy. nitp_weight: optional
+        tensor overriding config.nitp_weight (a schedule such as a late start changes its value without
+        recompiling). Returns logits (B, T, V) and the loss dict (None without targets)."""
         z, h, routing = self.trunk(idx)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
+        cfg = self.config
         ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         losses = {"ntp": ntp, "total": ntp}
-        if self.config.nitp:
-            aux = self.nitp_term(h, z)
-            losses[self.config.aux_name] = aux
-            weight = self.config.nitp_weight if nitp_weight is None else nitp_weight
-            losses["total"] = ntp + weight * aux
+        if cfg.nitp:
+            if cfg.nitp_loss == "generic_cosine":  # the baseline regulariser: no target, no head
+                aux = generic_cosine_loss(h)
+            else:
+                pred = self.nitp_head(h) if self.nitp_head is not None else h  # (B, T, C)
+                aux = implicit_token_loss(pred, z, loss=cfg.nitp_loss, shift=cfg.nitp_shift,
+                                          stop_grad=cfg.nitp_stop_grad)
+            losses[cfg.aux_name] = aux
+            losses["total"] = ntp + (cfg.nitp_weight if nitp_weight is None else nitp_weight) * aux
         if routing:
-            self._add_moe_losses(losses, routing)
+            # The mean over MoE layers, so that its scale (1 = perfect balance) does not depend on depth; it
+            # enters the total, so loss scaling and accumulation apply to it as to any loss.
+            losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()
+            losses["expert_counts"] = torch.stack([counts for _, counts in routing]).detach()  # (MoE layers, E)
+            losses["total"] = losses["total"] + cfg.moe_aux_weight * losses["moe_aux"]
         return logits, losses
-
-    def nitp_term(self, h, z):
-        """The unweighted auxiliary loss: NITP, or one of the paper's ablations of it."""
-        cfg = self.config
-        if cfg.nitp_loss == "generic_cosine":
-            return generic_cosine_loss(h)
-        pred = self.nitp_head(h) if self.nitp_head is not None else h  # (B, T, C)
-        return implicit_token_loss(pred, z, loss=cfg.nitp_loss, shift=cfg.nitp_shift, stop_grad=cfg.nitp_stop_grad)
-
-    def _add_moe_losses(self, losses, routing):
-        """moe_aux: the balance loss averaged over MoE layers, so its scale (1 = perfect balance)
-        does not depend on depth; it enters the total weighted by moe_aux_weight, through the
-        ordinary backward (so loss scaling and accumulation apply to it like any loss).
-        expert_counts: (n_moe_layers, E) int64 tokens per expert, for logging balance."""
-        losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()
-        losses["expert_counts"] = torch.stack([counts for _, counts in routing]).detach()
-        losses["total"] = losses["total"] + self.config.moe_aux_weight * losses["moe_aux"]
 
     def inference_state_dict(self):
         """Weights for inference: everything but nitp_head (spec: zero inference cost). They load
@@ -313,10 +264,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on matrices (linear and embedding weights), none on norm gains."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
@@ -325,8 +275,7 @@ class GPT(nn.Module):
         temperature=0 picks the most likely token (greedy). n_tokens: the tokenizer's vocabulary;
         ids at or above it (the padding of vocab_size to a multiple of 64) are never produced."""
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :n_tokens].float()  # (B, V) or (B, n_tokens)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -341,11 +290,10 @@ class GPT(nn.Module):
 
 
 def flops_per_token(config):
-    """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention
-    projections, the feed-forward (a dense MLP, or in an MoE layer the K routed plus the shared
-    experts), the unembedding; attention scores, norms and the router are not counted.
-    The NITP head adds 72 d^2 (12 d^2 parameters) plus 18 d for the cosine; its target costs
-    nothing (stop-gradient, same forward pass). Returns {"ntp", "nitp", "total", "nitp_share"}."""
+    """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention projections,
+    the feed-forward (in an MoE layer the K routed plus the shared experts), the unembedding; not attention
+    scores, norms or the router. The NITP head adds 72 d^2 (12 d^2 parameters) plus 18 d for the cosine; its
+    target costs nothing (stop-gradient, same forward pass). Returns {"ntp", "nitp", "total", "nitp_share"}."""
     d, hd = config.n_embd, config.head_dim
     attention = d * (config.n_head + 2 * config.n_kv_head) * hd + config.n_head * hd * d
     dense_ffn = 3 * d * config.mlp_hidden
@@ -381,22 +329,18 @@ def load_checkpoint(path, required=("model", "model_config")):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
                                   f"values, which could run code when loaded; only load checkpoints you trust "
                                   f"were written by this project") from None
-        raise CheckpointError(f"cannot read checkpoint {path} (damaged: {str(e).splitlines()[0]}); restore it or "
-                              f"train again") from None
-    except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"it is damaged or not a nitp checkpoint; restore it or train again") from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+                              f"; it is damaged or not a nitp checkpoint; restore it or train again") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a nitp checkpoint (missing {', '.join(missing)}); "
                               f"point to the ckpt.pt that train.py wrote")
     return ckpt
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,9 +349,8 @@ def load_checkpoint(path, required=("model", "model_config")):
 # D model width, H expert hidden width, N = T*K token-expert pairs, I/O a matmul's in/out width.
 
 class MoE(nn.Module):
-    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every
-    token reaches all K of its experts (no capacity factor, no dropped tokens).
-
+    """Top-k routed experts plus shared experts, in place of a block's dense MLP. Dropless: every token
+    reaches all K of its experts (no capacity factor, no dropped tokens).
     forward(x (B, T_seq, D)) -> (y (B, T_seq, D), (balance loss (), expert token counts (E,)))."""
 
     def __init__(self, config):
@@ -430,31 +373,23 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return scores, weights, experts
 
-    def dispatch(self, x, weights, experts, counts):
-        """Send each token to its K experts and sum the weighted outputs: (T, D) -> (T, D)."""
-        T, K = experts.shape
-        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
-        token = order // K  # (N,) the token of each sorted pair
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        # On CUDA index_add_ (and index_select's backward) add with atomics, so the last bits vary from
-        # run to run; torch.use_deterministic_algorithms(True) makes them deterministic, slower.
-        # index_select / index_add_ rather than x[token] / a gather back: each is one pass over the
-        # rows (and their backward the other one), about half the time of advanced indexing on CPU.
-        x = x.to(_matmul_dtype(x))  # cast the T rows before copying them into N = K T
-        out = self.experts(x.index_select(0, token), offs, weights.reshape(-1).index_select(0, order))  # (N, D)
-        y = torch.zeros(T, out.size(1), dtype=out.dtype, device=out.device)  # (T, D)
-        return y.index_add_(0, token, out)
-
     def forward(self, x):
         shape = x.shape  # (B, T_seq, D)
         x = x.reshape(-1, shape[-1])  # (T, D): batch and sequence flattened, T = B * T_seq tokens
         scores, weights, experts = self.route(x)
         counts = expert_counts(experts, self.n_experts)  # (E,)
-        y = self.dispatch(x, weights, experts, counts)  # (T, D)
+        order = experts.reshape(-1).argsort(stable=True)  # (N,) token-expert pairs grouped by expert
+        token = order // self.top_k  # (N,) the token of each sorted pair
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        # Each token's row is copied to its K experts (index_select) and the weighted outputs summed back (index_add_):
+        # one pass over the rows each (backward too), half the time of x[token] / a gather on CPU. On CUDA they add
+        # with atomics, so the last bits vary run to run; torch.use_deterministic_algorithms(True) fixes that, slower.
+        rows = x.to(_matmul_dtype(x)).index_select(0, token)  # (N, D), cast before the T rows are copied K times
+        out = self.experts(rows, offs, weights.reshape(-1).index_select(0, order))  # (N, D)
+        y = out.new_zeros(x.size(0), out.size(1)).index_add_(0, token, out)  # (T, D)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
-
 
 
 class Experts(nn.Module):
@@ -481,13 +416,11 @@ class Experts(nn.Module):
         return expert_mm(h, self.c_proj.to(dtype), offs)  # (N, D)
 
 
-
 def expert_counts(experts, n_experts):
     """Tokens routed to each expert, (T, K) ids -> (E,) int64. scatter_add_, unlike bincount, has an
     output size that does not depend on the data, so torch.compile keeps one graph."""
     flat = experts.reshape(-1)  # (N,)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def load_balance_loss(scores, counts, top_k):
@@ -501,19 +434,15 @@ def load_balance_loss(scores, counts, top_k):
 
 
 def expert_balance_stats(counts):
-    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the
-    worst layer's max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert)
-    pairs got no token in this batch."""
+    """Logging summary of losses["expert_counts"] (L, E) (or one layer's (E,)): imbalance = the worst layer's
+    max / mean tokens per expert (1.0 = perfect); idle = how many (layer, expert) pairs got no token in this batch."""
     c = counts.detach().double().reshape(-1, counts.size(-1))  # (L, E)
-    imbalance = (c.max(dim=1).values / c.mean(dim=1)).max().item()
-    return dict(imbalance=imbalance, idle=int((c == 0).sum().item()))
+    return dict(imbalance=(c.max(dim=1).values / c.mean(dim=1)).max().item(), idle=int((c == 0).sum().item()))
 
 
 def _matmul_dtype(x):
     """The dtype matmuls run in here: autocast's if it is on (custom ops are not autocast)."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 GROUPED_MM = hasattr(torch, "_grouped_mm")  # False forces the per-expert loop (tests, bench_moe.py)
@@ -559,18 +488,8 @@ def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> 
     return torch.stack([x[start:end].t() @ grad[start:end] for start, end in _spans(offs)])  # (E, I, O)
 
 
-@expert_mm.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.size(0), w.size(-1))
-
-
-@expert_mm_wgrad.register_fake
-def _(x, grad, offs):
-    return x.new_empty(offs.size(0), x.size(1), grad.size(1))
-
-
-def _expert_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+expert_mm.register_fake(lambda x, w, offs: x.new_empty(x.size(0), w.size(-1)))  # shapes for torch.compile: (N, O)
+expert_mm_wgrad.register_fake(lambda x, grad, offs: x.new_empty(offs.size(0), x.size(1), grad.size(1)))  # (E, I, O)
 
 
 def _expert_mm_backward(ctx, grad):
@@ -582,4 +501,5 @@ def _expert_mm_backward(ctx, grad):
     return grad_x, grad_w, None
 
 
-expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
+expert_mm.register_autograd(_expert_mm_backward,
+                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))

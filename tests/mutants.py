@@ -14,7 +14,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTATIONS = [  # (what, file, line as it is, line with the bug, the test that must fail)
- ("nitp unweighted", "model.py", 'losses[self.config.aux_name] = aux', 'losses[self.config.aux_name] = aux * (self.config.nitp_weight if nitp_weight is None else nitp_weight)', "test_nitp.py::test_total_is_ntp_plus_weighted_nitp"),
+ ("nitp unweighted", "model.py", 'losses[cfg.aux_name] = aux', 'losses[cfg.aux_name] = aux * (cfg.nitp_weight if nitp_weight is None else nitp_weight)', "test_nitp.py::test_total_is_ntp_plus_weighted_nitp"),
  ("moe_aux mean", "model.py", 'losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()', 'losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).sum()', "tests/test_moe.py::test_moe_aux_is_the_mean_of_the_per_layer_balance_losses"),
  ("accumulation scale", "train.py", 'scaler.scale(losses["total"] / accum).backward()', 'scaler.scale(losses["total"]).backward()', "tests/test_train.py::test_gradient_accumulation_equals_gradient_of_the_mean_loss"),
  ("ddp sync every micro-step", "train.py", 'train_model.require_backward_grad_sync = micro == accum - 1', 'train_model.require_backward_grad_sync = True', "tests/test_train.py::test_ddp_syncs_gradients_on_the_last_micro_step_only"),
