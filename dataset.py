@@ -2,8 +2,8 @@
 Token data for training: the folders prepare_data.py writes and llm.c / modded-nanogpt shards, memory-mapped, and the
 windows of ids that make a batch.
 
-    train, val, meta, where = dataset.load(data_dir="data/stdlib")
-    train, val, meta, where = dataset.load(train_shards="fineweb10B/fineweb_train_*.bin", val_shards="...val_*.bin")
+    train, val, meta, where = dataset.load_data(data_dir="data/stdlib")
+    train, val, meta, where = dataset.load_data(train_shards="fineweb10B/fineweb_train_*.bin", val_shards="...val_*.bin")
     x, y = dataset.get_batch(train, dataset.batch_offsets(len(train), block_size, batch_size, seed, step, micro), ...)
 
 A folder holds meta.json (dtype, vocab_size, token counts, tokenizer, ...) and train.bin / val.bin: the ids of all
@@ -81,7 +81,7 @@ class ShardedTokens:
                                if a < stop and a + len(s) > start])
 
 
-def load(data_dir="", train_shards="", val_shards=""):
+def load_data(data_dir="", train_shards="", val_shards=""):
     """(train ids, val ids, meta, where): a prepared folder, or llm.c shards by glob (both globs or neither)."""
     if train_shards or val_shards:
         if not (train_shards and val_shards):

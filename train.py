@@ -5,10 +5,10 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
     python train.py config/cpu_tiny.py --nitp_weight=0      # a preset, then a flag: here the NTP baseline
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
-Knobs are the fields of TrainConfig below and of model.GPTConfig: `--key=value` sets one, a config file of `key = value`
+Knobs are the fields of TrainConfig and GPTConfig in model.py: `--key=value` sets one, a config file of `key = value`
 lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
-and config.json; `--init_from=resume` continues ckpt.pt with the same data order, random state and loss scale.
-Reading order: the config, the command line, batches, schedule and evaluation, then run(): the setup, then the loop.
+and config.json; `--init_from=resume` continues ckpt.pt with the same data, dropout masks and loss scale.
+Reading order: the command line, the schedule, evaluation, then run(): the setup, then the loop in the order it runs.
 """
 import argparse
 import ast
@@ -31,76 +31,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-import dataset
-from dataset import batch_offsets, get_batch, val_offsets
-from model import GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token, load_checkpoint, save_checkpoint
+from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets
+from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,
+                   load_checkpoint, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"  # log.jsonl, ckpt.pt and config.json go here
-    dataset: str = "stdlib"  # data/<dataset>/ made by prepare_data.py (stdlib = the embedded default corpus)
-    data_dir: str = ""  # explicit dataset folder; overrides `dataset` when set
-    train_shards: str = ""  # glob of llm.c / modded-nanogpt .bin shards (GPT-2 ids) to train on instead of a dataset
-    val_shards: str = ""  # glob of such shards for validation (both or neither)
-    init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
-    # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps * world_size
-    batch_size: int = 16  # sequences per micro-step per process
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step per process
-    total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = as above, else derives the accumulation
-    max_iters: int = 600  # optimizer steps (not micro-steps)
-    # AdamW (spec: betas (0.9, 0.95), weight decay 0.1, clip 1.0)
-    learning_rate: float = 2e-3  # peak lr (paper: 4.2e-4 to 8.7e-4 at scale; tiny models take more)
-    min_lr: float = 2e-4  # lr at the end of the decay
-    weight_decay: float = 0.1  # on matrices only
-    beta1: float = 0.9  # in [0, 1)
-    beta2: float = 0.95  # in [0, 1)
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    # schedule: warmup-stable-decay as in the paper, or cosine
-    lr_schedule: str = "wsd"  # "wsd" (paper) or "cosine"
-    warmup_iters: int = 50  # linear warmup steps (paper: 2000)
-    decay_frac: float = 0.2  # wsd: fraction of lr_decay_iters spent decaying to min_lr (paper: last 20%)
-    lr_decay_iters: int = 0  # step at which the schedule ends; 0 = max_iters
-    # evaluation and logging
-    eval_interval: int = 100  # evaluate and checkpoint every this many steps (and at the end)
-    eval_iters: int = 20  # validation batches, the same fixed ones at every evaluation
-    log_interval: int = 10  # print and log a training record every this many steps
-    # system
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
-    compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
-    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state (for models DDP cannot fit)
-    seed: int = 1337  # weights, data order and dropout; >= 0
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
-    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
-    nitp_start_iter: int = 0  # NITP weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
-
-    def __post_init__(self):  # every number finite and in range, every choice one of its values
-        at_least = dict(batch_size=1, gradient_accumulation_steps=1, max_iters=1, eval_interval=1, eval_iters=1,
-                        log_interval=1, total_batch_size=0, warmup_iters=0, lr_decay_iters=0, seed=0, nitp_start_iter=0,
-                        min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0)
-        choices = dict(init_from=("scratch", "resume"), lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
-                       dtype=("auto", "float32", "bfloat16", "float16"))
-        for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name}={value} must be a finite number")
-            if value < at_least.get(name, value):
-                raise ValueError(f"{name}={value} must be >= {at_least[name]}")
-            if value not in choices.get(name, (value,)):
-                raise ValueError(f"{name}={value!r} must be one of {choices[name]}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device[:5] == "cuda:" and self.device[5:].isdigit()):
-            raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
-        if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
-            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), "
-                             f"decay_frac={self.decay_frac} in [0, 1]")
-
-
 class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
+    """What the user asked for cannot work: one line, exit code 2."""
 
 
 class NonFiniteLoss(Exception):
@@ -108,10 +46,6 @@ class NonFiniteLoss(Exception):
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite=skip: more skipped steps than this in a row means broken weights
-# Dense bf16 tensor-core peaks (FLOP/s, datasheets) by device-name fragment, most specific first, for MFU.
-PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H100 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
-                   "H800": 989e12, "B200": 2.25e15, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
-                   "L4": 121e12, "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 # --- command line: python train.py [config/file.py ...] [--key=value ...]
@@ -164,7 +98,7 @@ def parse_args(argv):
     if unknown:
         close = difflib.get_close_matches(unknown[0].lstrip("-").partition("=")[0], fields, n=1)
         raise UsageError(f"unknown knob or argument '{unknown[0]}'{'' if unknown[0] in argv else ' in a config file'}"
-                         + (f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and model.GPTConfig)"))
+                         + (f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and GPTConfig in model.py)"))
     values, train_fields = vars(args), TrainConfig.__dataclass_fields__
     try:
         cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
@@ -240,17 +174,16 @@ def run(argv):
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     if cfg.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
-    mps = torch.backends.mps.is_available()
-    name = {"auto": "cuda" if torch.cuda.is_available() else "mps" if mps and world_size == 1 else "cpu"}.get(
-        cfg.device, cfg.device)
-    if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
+    mps, cuda = torch.backends.mps.is_available(), torch.cuda.is_available()
+    name = ("cuda" if cuda else "mps" if mps and world_size == 1 else "cpu") if cfg.device == "auto" else cfg.device
+    if not cuda and name.startswith("cuda") or not mps and name == "mps":
         what = "MPS device" if name == "mps" else "CUDA GPU"
         raise UsageError(f"--device={name} but torch {torch.__version__} sees no {what} here: use --device=cpu")
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     cuda = device.type == "cuda"
-    if cuda and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
     if cuda:
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in float32
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -264,8 +197,8 @@ def run(argv):
         dist.init_process_group(backend="nccl" if cuda else "gloo")
 
     # --- data, the model's shape, the batch
-    train_data, val_data, meta, where = dataset.load(cfg.data_dir or os.path.join("data", cfg.dataset),
-                                                     cfg.train_shards, cfg.val_shards)
+    train_data, val_data, meta, where = load_data(cfg.data_dir or os.path.join("data", cfg.dataset), cfg.train_shards,
+                                                  cfg.val_shards)
     vocab = meta["vocab_size"]
     if model_args.get("vocab_size", vocab) < vocab:
         raise UsageError(f"vocab_size={model_args['vocab_size']} is below the dataset's {vocab} ids (meta.json): "
@@ -484,7 +417,7 @@ def main(argv):
     code = 0
     try:
         run(argv)
-    except (UsageError, dataset.DatasetError, CheckpointError, NonFiniteLoss) as e:
+    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
     if dist.is_initialized():

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 import model
-from model import GPT, MoE, GPTConfig, SwiGLU, flops_per_token, load_checkpoint
+from model import PEAK_BF16_FLOPS, GPT, MoE, GPTConfig, SwiGLU, flops_per_token, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "dense", "moe_layer", "moe_compile", "e2e")
@@ -96,15 +96,10 @@ def fresh_memory(device):
 
 
 def train_peak_flops(device):
-    """The bf16 peak FLOP/s train.py would use for MFU on this device (None on CPU or an unlisted GPU)."""
-    import train
-    try:
-        return train.peak_flops(SimpleNamespace(peak_flops=0.0), device)
-    except (AttributeError, TypeError):  # train.py rewritten: fall back to its table
-        if device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in train.PEAK_BF16_FLOPS.items() if k in name), None)
+    """The bf16 peak FLOP/s train.py uses for MFU on this device (None on CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 def markov_tokens(n, vocab, seed):
