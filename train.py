@@ -87,22 +87,30 @@ def read_config_file(path):
 
 def parse_args(argv):
     """-> (TrainConfig, dict of GPTConfig overrides): the config files in order, then the flags, which win."""
-    fields = [f.name for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)]
+    fields = dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for f in dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig):
+    for f in fields:
         parser.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
                             metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
-    files = parser.parse_known_args(argv)[0].config_files
-    args, unknown = parser.parse_known_args([flag for path in files for flag in read_config_file(path)] + argv)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0].lstrip("-").partition("=")[0], fields, n=1)
-        raise UsageError(f"unknown knob or argument '{unknown[0]}'{'' if unknown[0] in argv else ' in a config file'}"
-                         + (f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and GPTConfig in model.py)"))
-    values, train_fields = vars(args), TrainConfig.__dataclass_fields__
+
+    def parse(args, source):  # -> {knob: value}; an unknown knob or a bad value is reported with where it came from
+        try:
+            known, unknown = parser.parse_known_args(args)
+        except UsageError as e:
+            raise UsageError(f"{source}{e}") from None
+        if unknown:
+            close = difflib.get_close_matches(unknown[0].lstrip("-").partition("=")[0], [f.name for f in fields], n=1)
+            raise UsageError(f"{source}unknown knob or argument '{unknown[0]}'" + (
+                f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and GPTConfig in model.py)"))
+        return {k: v for k, v in vars(known).items() if k != "config_files"}
+    values = {}
+    for path in parser.parse_known_args(argv)[0].config_files:
+        values.update(parse(read_config_file(path), f"{path}: "))
+    values.update(parse(argv, ""))  # flags override files
     try:
-        cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-        model_args = {k: v for k, v in values.items() if k not in train_fields and k != "config_files"}
+        cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+        model_args = {k: v for k, v in values.items() if k not in TrainConfig.__dataclass_fields__}
         GPTConfig(**model_args)  # check the model knobs now, before any data is read
     except ValueError as e:
         raise UsageError(str(e)) from None
