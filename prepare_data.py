@@ -14,7 +14,7 @@ gets one line on stderr, exit code 2, and nothing is written.
 
 Documents: stdlib: a .py file of the standard library (no tests), up to 8 MB; shakespeare: a speech;
 .txt: a file (--txt_split=file), a paragraph (blank_lines) or a block between lines holding only
---separator (separator); .jsonl: a line's --text_field; .parquet: a row's --text_field column (needs
+<|endoftext|> (separator); .jsonl: a line's --text_field; .parquet: a row's --text_field column (needs
 pyarrow); .gz and .zst (needs zstandard) compress .txt and .jsonl. Folders are walked (hidden files
 skipped) and globs expanded, sorted. Symlinks leading out of the folder (or a glob's fixed folder), empty
 documents, unreadable files and lines that are not JSON are skipped and counted; each invalid UTF-8 byte
@@ -184,7 +184,6 @@ class PrepareConfig:
     num_proc: int = field(default_factory=default_num_proc)  # tokenising processes; 1: all in this process
     text_field: str = "text"  # the .jsonl key / .parquet column holding the text
     txt_split: str | None = None  # rule for .txt documents (TXT_SPLITS); None: blank_lines for shakespeare
-    separator: str = "<|endoftext|>"  # with txt_split="separator": a line holding only this ends a document
     llmc: bool = False  # also write llm.c shards (llmc/train_000000.bin, ...) next to train.bin / val.bin
     overwrite: bool = False  # replace an existing folder of that name, whatever it holds
 
@@ -213,9 +212,7 @@ class PrepareConfig:
             (1 <= self.num_proc <= max_proc, f"--num_proc={self.num_proc} must be between 1 and {max_proc} "
                                              f"(4 x the {os.cpu_count()} CPUs here)"),
             (self.text_field != "", "--text_field must name a .jsonl key or .parquet column"),
-            (self.txt_split in TXT_SPLITS, f"--txt_split={self.txt_split} is not one of {', '.join(TXT_SPLITS)}"),
-            (self.txt_split != "separator" or self.separator.strip(),
-             "--separator must hold visible characters (for blank lines use --txt_split=blank_lines)")]:
+            (self.txt_split in TXT_SPLITS, f"--txt_split={self.txt_split} is not one of {', '.join(TXT_SPLITS)}")]:
             if not ok:
                 raise PrepareError(problem)
 
@@ -348,7 +345,7 @@ def text_items(fh, origin: str, config: PrepareConfig):
     lines, size, started = [], 0, False  # the document being read; started: a piece of it was yielded
     for line in iter(partial(fh.readline, READLINE_LIMIT), ""):
         if ((config.txt_split == "blank_lines" and not line.strip())
-                or (config.txt_split == "separator" and line.strip() == config.separator.strip())):
+                or (config.txt_split == "separator" and line.strip() == "<|endoftext|>")):
             if lines or started:
                 yield (CONT if started else WHOLE), "".join(lines), origin, 0
             lines, size, started = [], 0, False
@@ -522,7 +519,6 @@ def recipe(config: PrepareConfig) -> dict:
     return {"source": config.source, "inputs": inputs or list(config.inputs), "tokenizer": config.tokenizer,
             "val_fraction": None if config.val_docs else config.val_fraction, "val_docs": config.val_docs,
             "seed": config.seed, "text_field": config.text_field, "txt_split": config.txt_split, "llmc": config.llmc,
-            "separator": config.separator if config.txt_split == "separator" else None,
             "python": sys.version.split()[0] if config.source == "stdlib" else None}
 
 
@@ -632,7 +628,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenising processes")
     p.add_argument("--text_field", default="text", help="jsonl key / parquet column (default text)")
     p.add_argument("--txt_split", choices=TXT_SPLITS, help="documents in .txt (default file; shakespeare: blank_lines)")
-    p.add_argument("--separator", default="<|endoftext|>", help="with --txt_split=separator")
     p.add_argument("--llmc", action="store_true", help="also write llm.c shards into <name>/llmc/")
     p.add_argument("--overwrite", action="store_true", help="replace the folder of that name, whatever it holds")
     return p
@@ -653,14 +648,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted; no dataset was written", file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - start
-    print(f"wrote {Path(config.out_dir) / config.name}: {m['train_documents']:,} train / {m['val_documents']:,} val "
-          f"documents, {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}, ids up to "
-          f"{m['max_token_id']:,})\ntokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}, eot {m['eot_token']}), "
-          f"{m['input_chars'] / 1e6:.1f}M characters in {seconds:.1f} s\nskipped {m['empty_documents_skipped']} "
-          f"empty documents, {m['unreadable_files_skipped']} unreadable files, {m['bad_json_lines_skipped']} bad "
-          f"json lines, {m['symlinks_skipped']} symlinks leading out of the input; replaced "
-          f"{m['replaced_invalid_bytes']} invalid UTF-8 bytes")
+    notes = "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in m.items() if n and k.endswith(("_skipped", "_bytes")))
+    print(f"wrote {Path(config.out_dir) / config.name} in {time.perf_counter() - start:.1f} s: "
+          f"{m['train_documents']:,} train / {m['val_documents']:,} val documents, {m['train_tokens']:,} train / "
+          f"{m['val_tokens']:,} val {m['tokenizer']} tokens ({m['dtype']}){notes}")
     return 0
 
 
