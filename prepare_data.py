@@ -5,29 +5,27 @@
     python prepare_data.py --input=corpus/ --name=mine --tokenizer=gpt2 --tiktoken_file=gpt2.tiktoken
     python prepare_data.py --help                   # every option
 
-Writes <out_dir>/<name>/, read by train.read_meta and train.load_split: train.bin and val.bin (flat
-little-endian ids, uint16, or uint32 when vocab_size > 65536, the end-of-text id BEFORE every document),
-meta.json (tokenizer, vocab_size, dtype, eot_token, max_token_id, counts, the recipe) and with --llmc the
-splits as llm.c shards in llmc/. All is written into a hidden .<name>.partial/, meta.json last, renamed
-when complete; a folder of another recipe, or not made here, is replaced only with --overwrite. Bad input
-gets one line on stderr, exit code 2, and nothing is written.
+Writes <out_dir>/<name>/, read by train.read_meta and train.load_split: train.bin and val.bin (flat little-endian
+ids, uint16, or uint32 when vocab_size > 65536, the end-of-text id BEFORE every document), meta.json (tokenizer,
+vocab_size, dtype, eot_token, max_token_id, counts, the recipe) and with --llmc the splits as llm.c shards in llmc/.
+All is written into a hidden .<name>.partial/, meta.json last, renamed when complete; a folder of another recipe,
+or not made here, is replaced only with --overwrite. Bad input: one line on stderr, exit code 2, nothing written.
 
-Documents: stdlib: a .py file of the standard library (no tests), up to 8 MB; shakespeare: a speech;
-.txt: a file (--txt_split=file), a paragraph (blank_lines) or a block between lines holding only
---separator (separator); .jsonl: a line's --text_field; .parquet: a row's --text_field column (needs
-pyarrow); .gz and .zst (needs zstandard) compress .txt and .jsonl. Folders are walked (hidden files
-skipped) and globs expanded, sorted. Symlinks leading out of the folder (or a glob's fixed folder), empty
-documents, unreadable files and lines that are not JSON are skipped and counted; each invalid UTF-8 byte
-becomes U+FFFD, counted. Memory stays bounded: ~1M-character chunks, at most 4 x --num_proc in flight,
-long documents in pieces. Split by document: document i (empty ones excluded) goes to val when
-splitmix64(seed, i) / 2**64 < --val_fraction, or with --val_docs=N when its hash is one of the N smallest
-(a first pass counts the documents). Same inputs and options give byte-identical files, whatever --num_proc.
+Documents: stdlib: a .py file of the standard library (no tests), up to 8 MB; shakespeare: a speech; .txt: a file
+(--txt_split=file), a paragraph (blank_lines) or a block between lines holding only <|endoftext|> (separator);
+.jsonl: a line's --text_field; .parquet: a row's --text_field column (needs pyarrow); .gz and .zst (needs zstandard)
+compress .txt and .jsonl. Folders are walked (hidden files skipped) and globs expanded, sorted. Symlinks leading
+out of the folder (or a glob's fixed folder), empty documents, unreadable files and lines that are not JSON are
+skipped and counted; each invalid UTF-8 byte becomes U+FFFD, counted. Memory stays bounded: ~1M-character chunks,
+at most 4 x --num_proc in flight, long documents in pieces. Split by document: document i (empty ones excluded)
+goes to val when splitmix64(seed, i) / 2**64 < --val_fraction, or with --val_docs=N when its hash is one of the N
+smallest (a first pass counts). Same inputs and options give byte-identical files, whatever --num_proc.
 
-Importable: get_tokenizer (sample.py decodes with it), token_dtype, write_llmc_shard, prepare(PrepareConfig)
-and main(argv); a user's mistake raises PrepareError, which main() prints as one line.
+Importable: get_tokenizer (sample.py decodes with it), token_dtype, write_llmc_shard, prepare(PrepareConfig), main.
 """
 
 import argparse
+import contextlib
 import glob
 import gzip
 import importlib
@@ -44,9 +42,7 @@ import time
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -58,8 +54,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 # sha256 of GPT-2's ranks (tiktoken's r50k_base.tiktoken): a wrong --tiktoken_file is refused, not used.
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 STDLIB_MAX_BYTES = 8_000_000  # ~8M byte tokens: enough to train a small model, prepared in seconds
-# Test suites would dominate the corpus (17 MB of it) and are repetitive; the others are generated tables,
-# a GUI app, demos, or third-party packages that differ from machine to machine.
+# Tests would dominate (17 MB) and repeat; the others: generated tables, a GUI app, demos, per-machine packages.
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib",
                               "turtledemo", "pydoc_data", "encodings", "ensurepip", "__pycache__"})
 CHUNK_CHARS = 1 << 20  # one unit of work for a worker: big enough to hide the IPC, small enough to bound memory
@@ -82,8 +77,7 @@ def warn(message: str) -> None:
 
 
 def need(module: str, purpose: str):
-    """Import a package this script needs (tiktoken, tqdm) or one input format needs (zstandard, pyarrow);
-    when it is missing, say how to install it instead of showing a traceback."""
+    """Import a package (tiktoken, tqdm; zstandard, pyarrow for their formats), or say how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -91,8 +85,7 @@ def need(module: str, purpose: str):
         raise PrepareError(f"{purpose} needs the package {package}: pip install {package}") from None
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
+# --- tokenizers
 class TiktokenTokenizer:
     """A tiktoken Encoding seen through the small interface that train.py, sample.py and the tests use."""
 
@@ -116,32 +109,30 @@ def get_tokenizer(name: str, tiktoken_file: str | None = None) -> TiktokenTokeni
     """The tokenizer called `name`; gpt2 with tiktoken_file reads its BPE ranks from that file, offline."""
     if name not in TOKENIZERS:
         raise PrepareError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+    if tiktoken_file is not None and name != "gpt2":  # tiktoken builds cl100k_base, o200k_base from downloads only
+        raise PrepareError(f"--tiktoken_file needs --tokenizer=gpt2: it builds gpt2 only (leave it out for {name})")
     tiktoken = need("tiktoken", "tokenizing")
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     if name == "byte":  # UTF-8 bytes as ids 0..255, eot 256: ranks for the 256 single bytes and no merge
         # (any split of the text gives the same ids; pieces of <= 64 characters are the fastest, ~30 MB/s)
-        return TiktokenTokenizer(name, tiktoken.Encoding(name, pat_str=r"[\s\S]{1,64}", special_tokens={
-            ENDOFTEXT: 256}, mergeable_ranks={bytes([i]): i for i in range(256)}))
-    if tiktoken_file is None:
+        ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,64}"
+    elif tiktoken_file is None:
         try:
             return TiktokenTokenizer(name, tiktoken.get_encoding(name))
         except Exception as err:  # requests/urllib/OS errors all mean the same thing to the user
             raise PrepareError(f"the {name} tokenizer files could not be fetched ({type(err).__name__}); offline, "
                                "use --tokenizer=byte, or gpt2 with --tiktoken_file=PATH/gpt2.tiktoken") from None
-    # tiktoken exports GPT-2's pattern (r50k_pat_str) but builds cl100k_base and o200k_base only from their
-    # download recipes: the offline route is for gpt2, the vocabulary of llm.c's shards.
-    if name != "gpt2":
-        raise PrepareError(f"--tiktoken_file builds gpt2 only: leave it out for {name} (tiktoken downloads it)")
-    from tiktoken.load import load_tiktoken_bpe
-    try:
-        ranks = load_tiktoken_bpe(tiktoken_file, expected_hash=GPT2_RANKS_SHA256)
-    except OSError as err:
-        raise PrepareError(f"cannot read --tiktoken_file={tiktoken_file}: {err.strerror or err}") from None
-    except ValueError:  # tiktoken's hash check
-        raise PrepareError(f"--tiktoken_file={tiktoken_file} is not the gpt2 rank file (sha256 "
-                           f"{GPT2_RANKS_SHA256[:12]}...): pass gpt2.tiktoken") from None
-    return TiktokenTokenizer(name, tiktoken.Encoding(name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                                     special_tokens={ENDOFTEXT: len(ranks)}))
+    else:
+        from tiktoken.load import load_tiktoken_bpe
+        try:
+            ranks, pattern = load_tiktoken_bpe(tiktoken_file, expected_hash=GPT2_RANKS_SHA256), r50k_pat_str
+        except OSError as err:
+            raise PrepareError(f"cannot read --tiktoken_file={tiktoken_file}: {err.strerror or err}") from None
+        except ValueError:  # tiktoken's hash check
+            raise PrepareError(f"--tiktoken_file={tiktoken_file} is not the gpt2 rank file (sha256 "
+                               f"{GPT2_RANKS_SHA256[:12]}...): pass gpt2.tiktoken") from None
+    encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
+    return TiktokenTokenizer(name, encoding)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -154,17 +145,14 @@ def write_llmc_shard(path, tokens) -> None:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size >= 1 << 31 or (tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16)):
         raise ValueError(f"{path}: llm.c shards store a 1-D sequence of < 2**31 ids in 0..65535")
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, tokens.size)  # llm.c's magic number and version
+    header = np.array([20240520, 1, tokens.size] + [0] * 253, dtype="<i4")  # llm.c's magic number, version, count
     with open(f"{path}.tmp", "wb") as f:
         f.write(header.tobytes())
-        for start in range(0, tokens.size, 1 << 24):  # in blocks, so a memmap input is never read whole
-            f.write(np.asarray(tokens[start:start + (1 << 24)], dtype="<u2").tobytes())
+        np.asarray(tokens, dtype="<u2").tofile(f)  # (a memmap of uint16 ids is written from the map, not copied)
     os.replace(f"{path}.tmp", path)
 
 
-# ----------------------------------------------------------------------------- configuration
-
+# --- configuration
 def default_num_proc() -> int:
     # The CPUs this process may use (a container may allow fewer than os.cpu_count() reports).
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -176,7 +164,7 @@ class PrepareConfig:
     inputs: tuple[str, ...] = ()  # files, folders (recursive) and glob patterns, read in the order given
     name: str | None = None  # output folder under out_dir; None: the source name, or the input's stem
     out_dir: str = "data"  # where dataset folders (and downloads/) live
-    tokenizer: str = "byte"  # one of TOKENIZERS
+    tokenizer: str = "byte"  # one of TOKENIZERS (get_tokenizer checks it, and tiktoken_file)
     tiktoken_file: str | None = None  # local gpt2 .tiktoken rank file, to build the tokenizer offline
     val_fraction: float = 0.01  # expected share of documents in val (by document hash), in (0, 1)
     val_docs: int | None = None  # exactly this many documents in val instead (overrides val_fraction)
@@ -184,7 +172,6 @@ class PrepareConfig:
     num_proc: int = field(default_factory=default_num_proc)  # tokenising processes; 1: all in this process
     text_field: str = "text"  # the .jsonl key / .parquet column holding the text
     txt_split: str | None = None  # rule for .txt documents (TXT_SPLITS); None: blank_lines for shakespeare
-    separator: str = "<|endoftext|>"  # with txt_split="separator": a line holding only this ends a document
     llmc: bool = False  # also write llm.c shards (llmc/train_000000.bin, ...) next to train.bin / val.bin
     overwrite: bool = False  # replace an existing folder of that name, whatever it holds
 
@@ -195,8 +182,7 @@ class PrepareConfig:
         if self.name is None and len(self.inputs) > 1:
             raise PrepareError(f"{len(self.inputs)} inputs given: name the dataset with --name=NAME")
         if self.name is None and self.inputs:  # the input's stem: corpus.jsonl.gz -> corpus, texts/*.txt -> texts
-            self.name = re.sub(r"(\.(txt|jsonl|parquet|gz|zst))+$", "", real(fixed_prefix(self.inputs[0])).name,
-                               flags=re.IGNORECASE)
+            self.name = re.sub(r"(?i)(\.(txt|jsonl|parquet|gz|zst))+$", "", real(fixed_prefix(self.inputs[0])).name)
         self.name = self.name or self.source
         self.txt_split = self.txt_split or ("blank_lines" if self.source == "shakespeare" else "file")
         max_proc = 4 * (os.cpu_count() or 1)
@@ -205,37 +191,25 @@ class PrepareConfig:
             (all(self.inputs), "--input needs a file, folder or glob pattern, not an empty string"),
             (re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name) and not self.name.endswith(".partial"),
              f"--name={self.name!r} must be a plain folder name (letters, digits, _ . -)"),
-            (self.tokenizer in TOKENIZERS, f"--tokenizer={self.tokenizer} is not one of {', '.join(TOKENIZERS)}"),
-            (self.tiktoken_file is None or self.tokenizer == "gpt2", "--tiktoken_file needs --tokenizer=gpt2"),
             (0.0 < self.val_fraction < 1.0, f"--val_fraction={self.val_fraction} must be strictly between 0 and 1"),
             (self.val_docs is None or self.val_docs >= 1, f"--val_docs={self.val_docs} must be at least 1"),
             (0 <= self.seed < 1 << 64, f"--seed={self.seed} must be in 0..2**64-1"),
-            (1 <= self.num_proc <= max_proc, f"--num_proc={self.num_proc} must be between 1 and {max_proc} "
-                                             f"(4 x the {os.cpu_count()} CPUs here)"),
-            (self.text_field != "", "--text_field must name a .jsonl key or .parquet column"),
-            (self.txt_split in TXT_SPLITS, f"--txt_split={self.txt_split} is not one of {', '.join(TXT_SPLITS)}"),
-            (self.txt_split != "separator" or self.separator.strip(),
-             "--separator must hold visible characters (for blank lines use --txt_split=blank_lines)")]:
+            (1 <= self.num_proc <= max_proc, f"--num_proc={self.num_proc} must be between 1 and {max_proc} (4 x CPUs)"),
+            (self.txt_split in TXT_SPLITS, f"--txt_split={self.txt_split} is not one of {', '.join(TXT_SPLITS)}")]:
             if not ok:
                 raise PrepareError(problem)
 
 
-# ----------------------------------------------------------------------------- finding the input files
-
+# --- finding the input files
 def input_format(path: Path) -> tuple[str, str] | None:
     """(format, compression) read from the file name, or None if the file is not a supported input."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes.pop()[1:] if suffixes and suffixes[-1] in (".gz", ".zst") else ""
-    fmt = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffixes[-1] if suffixes else "")
-    return None if fmt is None or (fmt == "parquet" and compression) else (fmt, compression)
+    m = re.search(r"\.(txt|jsonl|parquet)(?:\.(gz|zst))?$", path.name.lower())
+    return None if m is None or (m[1] == "parquet" and m[2]) else (m[1], m[2] or "")
 
 
 def fixed_prefix(pattern: str) -> Path:
     """The leading folders of a glob pattern that hold no wildcard (the pattern itself if it has none)."""
-    path = Path(pattern)
-    while glob.has_magic(str(path)) and path != path.parent:
-        path = path.parent
-    return path
+    return next(p for p in (Path(pattern), *Path(pattern).parents) if not glob.has_magic(str(p)))
 
 
 def real(path) -> Path:
@@ -244,10 +218,9 @@ def real(path) -> Path:
 
 
 def resolve_inputs(patterns) -> tuple[list[Path], int]:
-    """(every supported file the patterns name, in the order given, each folder and glob sorted, without
-    duplicates; the number of symlinks skipped because they lead out of the folder or the glob's fixed folder).
-    A glob's ** follows symlinked folders; os.walk lists them without entering: one that stays inside the
-    tree is walked anyway, one that leaves it is skipped and counted."""
+    """(the supported files the patterns name, in order, each folder and glob sorted, without duplicates; the number
+    of symlinks skipped as they lead out of the folder or the glob's fixed folder). A glob's ** follows symlinked
+    folders; os.walk lists them without entering: one inside the tree is walked anyway, one outside is skipped."""
     files, skipped = {}, 0  # resolved path -> path as given
     for pattern in patterns:
         root, found, candidates = real(fixed_prefix(pattern)), 0, []
@@ -275,8 +248,7 @@ def resolve_inputs(patterns) -> tuple[list[Path], int]:
 
 
 def stdlib_files(max_bytes: int | None = STDLIB_MAX_BYTES) -> list[Path]:
-    """The standard library's .py files, tests and generated code left out, sorted by relative path, up to
-    the first whose sizes add up to max_bytes."""
+    """The standard library's .py files (no tests nor generated code), sorted, until their sizes reach max_bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -306,11 +278,10 @@ def fetch_shakespeare(out_dir) -> Path:
     return cache
 
 
-# ----------------------------------------------------------------------------- reading (parent process)
-
+# --- reading (parent process)
 def read_items(files, config: PrepareConfig, stats: Counter):
-    """(kind, text, file, line) for every document, piece of one, or .jsonl line, in input order.
-    An unreadable file is reported, counted and skipped from that point on."""
+    """(kind, text, file, line) for each document, piece of one or .jsonl line, in order; an unreadable file is
+    reported, counted and skipped from that point on."""
     for path in files:
         fmt, compression = input_format(path) or ("txt", "")  # the stdlib's .py files are text
         try:
@@ -345,10 +316,10 @@ def parquet_items(path: Path, text_field: str):
 
 def text_items(fh, origin: str, config: PrepareConfig):
     """The documents of a text file under config.txt_split, one longer than PIECE_CHARS in pieces."""
+    end = {"blank_lines": "", "separator": "<|endoftext|>"}.get(config.txt_split)  # a line that ends a document
     lines, size, started = [], 0, False  # the document being read; started: a piece of it was yielded
-    for line in iter(partial(fh.readline, READLINE_LIMIT), ""):
-        if ((config.txt_split == "blank_lines" and not line.strip())
-                or (config.txt_split == "separator" and line.strip() == config.separator.strip())):
+    for line in iter(lambda: fh.readline(READLINE_LIMIT), ""):
+        if line.strip() == end:
             if lines or started:
                 yield (CONT if started else WHOLE), "".join(lines), origin, 0
             lines, size, started = [], 0, False
@@ -363,17 +334,13 @@ def text_items(fh, origin: str, config: PrepareConfig):
 
 
 def safe_cut(previous: str, line: str) -> bool:
-    """True where tokenising the two sides apart gives the same ids as together: the gpt2, cl100k and o200k
-    pre-tokenisers never join a newline that follows a visible ASCII character with an ASCII letter or digit
-    that starts the next line, so BPE cannot merge across such a cut."""
-    return len(previous) >= 2 and previous[-1] == "\n" and "!" <= previous[-2] <= "~" and line[:1].isascii() \
-        and line[:1].isalnum()
+    """True where the two sides tokenise apart as together: the gpt2, cl100k and o200k pre-tokenisers never join a
+    newline after a visible ASCII character to an ASCII letter or digit that starts the next line."""
+    return bool(re.fullmatch(r"[!-~]\n", previous[-2:]) and re.match(r"[A-Za-z0-9]", line))
 
 
-# ----------------------------------------------------------------------------- tokenising (worker processes)
-
-# This process's tokenizer: prepare() sets it (building one costs ~0.4 s) and forked workers inherit it;
-# a spawned worker (macOS, Windows) builds its own in init_worker.
+# --- tokenising (worker processes)
+# Set by prepare(), inherited by forked workers (building one costs ~0.4 s); spawned ones build their own.
 _tokenizer = None
 
 
@@ -383,16 +350,10 @@ def init_worker(name: str, tiktoken_file: str | None) -> None:
     _tokenizer = _tokenizer or get_tokenizer(name, tiktoken_file)
 
 
-class ChunkResult(NamedTuple):
-    tokens: np.ndarray  # the ids of every item, in order, eot before each document start
-    lengths: np.ndarray  # (items,) ids per item, eot included; 0 for an empty document
-    kinds: np.ndarray  # (items,) WHOLE | FIRST | CONT
-    replaced: int  # invalid UTF-8 bytes and lone surrogates replaced by U+FFFD
-    bad_json: list  # file:line of each line that is not JSON, skipped
-
-
-def tokenize_chunk(items: list, text_field: str, count_only: bool = False) -> ChunkResult:
-    """Parse and tokenise one chunk (in a worker); count_only skips the tokenising."""
+def tokenize_chunk(items: list, text_field: str, count_only: bool = False) -> tuple:
+    """Parse and tokenise one chunk (in a worker; count_only skips the tokenising) -> tokens: every item's ids, eot
+    before each document start; lengths (items,): ids per item, eot included, 0 for an empty document; kinds (items,);
+    replaced: invalid bytes and lone surrogates made U+FFFD; bad_json: file:line of each line not JSON, skipped."""
     arrays, lengths, kinds, replaced, bad_json = [], [], [], 0, []
     for kind, text, origin, line in items:
         if kind == JSON:
@@ -420,41 +381,37 @@ def tokenize_chunk(items: list, text_field: str, count_only: bool = False) -> Ch
         kinds.append(kind)
     dtype = np.dtype(token_dtype(_tokenizer.vocab_size)).newbyteorder("<")
     tokens = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
-    return ChunkResult(tokens, np.array(lengths, dtype=np.int64), np.array(kinds, dtype=np.int8),
-                       replaced, bad_json)
+    return tokens, np.array(lengths, dtype=np.int64), np.array(kinds, dtype=np.int8), replaced, bad_json
 
 
 def tokenized(config: PrepareConfig, files, stats: Counter, count_only: bool):
     """Every chunk of the input, tokenised by config.num_proc processes, in input order. (Pool.imap would
     read the whole input ahead of the workers: at most 4 x num_proc chunks in flight keep memory bounded.)"""
     def work():  # the items in chunks of about CHUNK_CHARS characters
-        chunk, size = [], 0
+        chunk, chunk_start = [], stats["input_chars"]
         for item in read_items(files, config, stats):
             chunk.append(item)
-            size += len(item[1])
             stats["input_chars"] += len(item[1])
-            if size >= CHUNK_CHARS:
+            if stats["input_chars"] - chunk_start >= CHUNK_CHARS:
                 yield chunk
-                chunk, size = [], 0
+                chunk, chunk_start = [], stats["input_chars"]
         if chunk:
             yield chunk
 
-    func = partial(tokenize_chunk, text_field=config.text_field, count_only=count_only)
     if config.num_proc == 1:
-        yield from map(func, work())
+        yield from (tokenize_chunk(chunk, config.text_field, count_only) for chunk in work())
         return
     with multiprocessing.Pool(config.num_proc, init_worker, (config.tokenizer, config.tiktoken_file)) as pool:
         pending = deque()
         for chunk in work():
-            pending.append(pool.apply_async(func, (chunk,)))
+            pending.append(pool.apply_async(tokenize_chunk, (chunk, config.text_field, count_only)))
             if len(pending) >= 4 * config.num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
 
-# ----------------------------------------------------------------------------- the split
-
+# --- the split
 def split_hashes(seed: int, doc_ids) -> np.ndarray:
     """splitmix64 of (seed, document index): uniform, and distinct for distinct indices (a bijection)."""
     def splitmix64(z):
@@ -462,7 +419,6 @@ def split_hashes(seed: int, doc_ids) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
-
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64, on purpose
         return splitmix64(np.asarray(doc_ids).astype(np.uint64) + splitmix64(np.array([seed], np.uint64))[0])
 
@@ -482,39 +438,32 @@ def docs_threshold(seed: int, n_docs: int, val_docs: int) -> int:
 def write_splits(config: PrepareConfig, files, threshold: int, folder: Path, stats: Counter) -> None:
     """Append each document to train.bin or val.bin in folder, counting tokens, documents and skips in stats."""
     tqdm = need("tqdm", "the progress bar").tqdm
-    next_doc = 0  # index of the next non-empty document
     with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val, \
-            tqdm(unit=" docs", disable=None, mininterval=0.5) as bar:  # (shown only on a terminal)
-        for r in tokenized(config, files, stats, count_only=False):
-            starts = (r.kinds != CONT) & (r.lengths > 0)
-            doc_ids = next_doc - 1 + np.cumsum(starts)  # a CONT piece belongs to the document started last
+            tqdm(unit=" tokens", unit_scale=True, disable=None, mininterval=0.5) as bar:  # (shown only on a terminal)
+        for tokens, lengths, kinds, replaced, bad_json in tokenized(config, files, stats, count_only=False):
+            starts = (kinds != CONT) & (lengths > 0)  # (items,) document starts; a CONT piece continues the last one
+            doc_ids = stats["train_documents"] + stats["val_documents"] - 1 + np.cumsum(starts)  # (items,)
             is_val = split_hashes(config.seed, doc_ids) < np.uint64(threshold)
-            in_val = np.repeat(is_val, r.lengths)  # (tokens,)
-            train.write(r.tokens[~in_val].tobytes())
-            val.write(r.tokens[in_val].tobytes())
-            next_doc += int(starts.sum())
-            if r.bad_json and not stats["bad_json_lines_skipped"]:
-                warn(f"skipped a line that is not valid JSON at {r.bad_json[0]} (more are only counted)")
+            in_val = np.repeat(is_val, lengths)  # (tokens,)
+            train.write(tokens[~in_val].tobytes())
+            val.write(tokens[in_val].tobytes())
+            if bad_json and not stats["bad_json_lines_skipped"]:
+                warn(f"skipped a line that is not valid JSON at {bad_json[0]} (more are only counted)")
             stats.update(train_tokens=int((~in_val).sum()), val_tokens=int(in_val.sum()),
                          train_documents=int((starts & ~is_val).sum()), val_documents=int((starts & is_val).sum()),
-                         empty_documents_skipped=int(((r.kinds == WHOLE) & (r.lengths == 0)).sum()),
-                         bad_json_lines_skipped=len(r.bad_json), replaced_invalid_bytes=r.replaced)
-            stats["max_token_id"] = max(stats["max_token_id"], int(r.tokens.max(initial=0)))
-            bar.set_postfix_str(f"{stats['train_tokens'] + stats['val_tokens']:,} tokens", refresh=False)
-            bar.update(int(starts.sum()))
-    documents = stats["train_documents"] + stats["val_documents"]
-    if documents == 0:
-        raise PrepareError(f"empty corpus: no non-empty document in {stats['input_files_read']} files read "
-                           f"({stats['empty_documents_skipped']} empty documents, {stats['unreadable_files_skipped']} "
-                           "unreadable files); check --input, --text_field and --txt_split")
+                         empty_documents_skipped=int(((kinds == WHOLE) & (lengths == 0)).sum()),
+                         bad_json_lines_skipped=len(bad_json), replaced_invalid_bytes=replaced)
+            stats["max_token_id"] = max(stats["max_token_id"], int(tokens.max(initial=0)))
+            bar.update(len(tokens))
+    if not (documents := stats["train_documents"] + stats["val_documents"]):
+        raise PrepareError(f"empty corpus: no non-empty document in {stats['input_files_read']} files read; check "
+                           "--input, --text_field and --txt_split")
     if not (stats["train_documents"] and stats["val_documents"]):
         raise PrepareError(f"{'val' if stats['train_documents'] else 'train'} split is empty: --val_fraction="
-                           f"{config.val_fraction} put {stats['val_documents']} of the {documents} documents in "
-                           "val; pass --val_docs=N or change --val_fraction")
+                           f"{config.val_fraction} of {documents} documents; pass --val_docs=N or change it")
 
 
-# ----------------------------------------------------------------------------- the dataset folder
-
+# --- the dataset folder
 def recipe(config: PrepareConfig) -> dict:
     """What determines the dataset's content (not where it goes, nor how fast it is made, nor the path of a
     tiktoken_file, whose content is checked): equal recipes may replace each other's output."""
@@ -522,42 +471,7 @@ def recipe(config: PrepareConfig) -> dict:
     return {"source": config.source, "inputs": inputs or list(config.inputs), "tokenizer": config.tokenizer,
             "val_fraction": None if config.val_docs else config.val_fraction, "val_docs": config.val_docs,
             "seed": config.seed, "text_field": config.text_field, "txt_split": config.txt_split, "llmc": config.llmc,
-            "separator": config.separator if config.txt_split == "separator" else None,
             "python": sys.version.split()[0] if config.source == "stdlib" else None}
-
-
-def check_output(config: PrepareConfig, final: Path) -> None:
-    """Refuse, before any work, an --out_dir that is a file or cannot be created, and a dataset folder that
-    holds anything but this recipe's dataset (the same recipe is rebuilt: the inputs may have changed)."""
-    existing = next(p for p in (final.parent, *final.parent.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is not writable" if existing.is_dir() else "is a file, not a folder"
-        raise PrepareError(f"--out_dir={config.out_dir}: {existing} {problem}; pick another --out_dir")
-    if config.overwrite or not final.exists() or (final.is_dir() and not any(final.iterdir())):
-        return
-    try:
-        old = json.loads((final / "meta.json").read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise PrepareError(f"{final} exists and was not written by prepare_data.py (no meta.json); "
-                           "pass --overwrite to replace it or choose another --name") from None
-    if any(old.get(key) != value for key, value in recipe(config).items() if key in old):  # (the keys both have:
-        # a dataset of an older prepare_data.py, with other fields, is rebuilt by the same options)
-        raise PrepareError(f"{final} already holds a different dataset (tokenizer {old.get('tokenizer')}, source "
-                           f"{old.get('source')}); pass --overwrite to replace it or choose another --name")
-
-
-def write_llmc(folder: Path, meta: dict) -> dict:
-    """Copy each split into llm.c shards of LLMC_SHARD_TOKENS tokens; return the shard names per split."""
-    if meta["dtype"] != "uint16":
-        raise PrepareError(f"--llmc needs ids below 65536; {meta['tokenizer']} has {meta['vocab_size']}")
-    (folder / "llmc").mkdir()
-    shards = {}
-    for split in ("train", "val"):
-        tokens = np.memmap(folder / f"{split}.bin", dtype="<u2", mode="r")
-        shards[split] = [f"llmc/{split}_{i:06d}.bin" for i in range(-(-len(tokens) // LLMC_SHARD_TOKENS))]
-        for name, start in zip(shards[split], range(0, len(tokens), LLMC_SHARD_TOKENS)):
-            write_llmc_shard(folder / name, tokens[start:start + LLMC_SHARD_TOKENS])
-    return shards
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -565,84 +479,96 @@ def prepare(config: PrepareConfig) -> dict:
     on any failure it leaves no new file behind (but a Tiny Shakespeare download)."""
     global _tokenizer
     final = Path(config.out_dir) / config.name
-    check_output(config, final)
-    partial_dir = final.with_name(f".{final.name}.partial")
-    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # deepest first
+    partial_dir, old = (final.with_name(f".{final.name}.{kind}") for kind in ("partial", "old"))
+    ancestors = (final.parent, *final.parent.parents)
+    created = [p for p in ancestors if not p.exists()]  # the folders this run makes, deepest first
+    existing = ancestors[len(created)]  # refused before any work: an --out_dir that cannot be made or written to,
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing.is_dir() else "is a file, not a folder"
+        raise PrepareError(f"--out_dir={config.out_dir}: {existing} {problem}; pick another --out_dir")
+    # and, unless --overwrite, a folder that holds anything but this recipe's dataset (rebuilt: the inputs may have
+    # changed). Recipes compare on the keys both have: an older prepare_data.py wrote others.
+    if final.exists() and not config.overwrite and not (final.is_dir() and not any(final.iterdir())):
+        try:
+            old_recipe = json.loads((final / "meta.json").read_text())["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PrepareError(f"{final} exists and was not written by prepare_data.py (no meta.json); "
+                               "pass --overwrite to replace it or choose another --name") from None
+        if any(old_recipe.get(key) != value for key, value in recipe(config).items() if key in old_recipe):
+            raise PrepareError(f"{final} already holds a different dataset ({old_recipe.get('tokenizer')} tokens of "
+                               f"{old_recipe.get('source')}); pass --overwrite to replace it or choose another --name")
     try:
         _tokenizer = tokenizer = get_tokenizer(config.tokenizer, config.tiktoken_file)
-        files, symlinks_skipped = resolve_inputs(config.inputs) if config.inputs else ([], 0)
-        if config.source != "input":
-            files = stdlib_files() if config.source == "stdlib" else [fetch_shakespeare(config.out_dir)]
+        if config.llmc and token_dtype(tokenizer.vocab_size) != "uint16":  # (refused before the work, not after)
+            raise PrepareError(f"--llmc needs ids below 65536; {tokenizer.name} has {tokenizer.vocab_size}: use gpt2")
+        files, symlinks_skipped = resolve_inputs(config.inputs) if config.inputs else ([], 0)  # or a named source's:
+        files = files or (stdlib_files() if config.source == "stdlib" else [fetch_shakespeare(config.out_dir)])
         if symlinks_skipped:
             warn(f"skipped {symlinks_skipped} symlinks whose target is outside the input folder")
         threshold = min(int(config.val_fraction * 2.0 ** 64), 2 ** 64 - 1)
         if config.val_docs is not None:  # an extra pass counts the documents
-            n_docs = sum(int(((r.kinds != CONT) & (r.lengths > 0)).sum())
-                         for r in tokenized(config, files, Counter(), count_only=True))
+            n_docs = sum(int(((kinds != CONT) & (lengths > 0)).sum())
+                         for _, lengths, kinds, _, _ in tokenized(config, files, Counter(), count_only=True))
             threshold = docs_threshold(config.seed, n_docs, config.val_docs)
-        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a run that was killed
+        for stale in (partial_dir, old):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         partial_dir.mkdir(parents=True)
         stats = Counter(input_files_read=0, unreadable_files_skipped=0, symlinks_skipped=symlinks_skipped)
         write_splits(config, files, threshold, partial_dir, stats)
         meta = {"format_version": FORMAT_VERSION, "name": config.name, "tokenizer": tokenizer.name,
                 "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token,
                 "dtype": token_dtype(tokenizer.vocab_size), **stats, "recipe": recipe(config)}
-        if config.llmc:
-            meta["llmc_shards"] = write_llmc(partial_dir, meta)
+        if config.llmc:  # each split copied into llm.c shards of LLMC_SHARD_TOKENS (uint16) tokens
+            (partial_dir / "llmc").mkdir()
+            meta["llmc_shards"] = {"train": [], "val": []}
+            for split, names in meta["llmc_shards"].items():
+                tokens = np.memmap(partial_dir / f"{split}.bin", dtype="<u2", mode="r")
+                for start in range(0, len(tokens), LLMC_SHARD_TOKENS):
+                    names.append(f"llmc/{split}_{len(names):06d}.bin")
+                    write_llmc_shard(partial_dir / names[-1], tokens[start:start + LLMC_SHARD_TOKENS])
         # meta.json last: its presence is what marks a dataset folder as complete.
         (partial_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        old = final.with_name(f".{final.name}.old")  # the old folder is removed only once the new is in place
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
+        if final.exists():  # the old folder is removed only once the new is in place
             final.rename(old)
         partial_dir.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial_dir, ignore_errors=True)
-        for folder in created:  # the folders this run made, while they are empty
-            try:
+        with contextlib.suppress(OSError):  # (the first folder that is not empty, or not there, ends the loop)
+            for folder in created:  # the folders this run made, while they are empty
                 folder.rmdir()
-            except OSError:
-                break
         raise
     return meta
 
 
-# ----------------------------------------------------------------------------- command line
-
+# --- command line
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line (printed by main) instead of argparse's usage block
         raise PrepareError(message)
 
 
-def build_parser() -> ArgumentParser:
-    """Options named as PrepareConfig's fields (--input fills inputs), so they map onto it one to one."""
+def main(argv=None) -> int:
+    """The command line: an option per PrepareConfig field (--input fills inputs); returns the exit code."""
+    start = time.perf_counter()
     p = ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                       epilog="Output, document rules and split: see the docstring, head -27 prepare_data.py")
+                       argument_default=argparse.SUPPRESS, epilog="Output, documents, split: head -24 prepare_data.py")
     p.add_argument("--source", choices=SOURCES, help="named corpus (default: stdlib when no --input)")
-    p.add_argument("--input", dest="inputs", nargs="+", action="extend", default=[], metavar="PATH",
+    p.add_argument("--input", dest="inputs", nargs="+", action="extend", metavar="PATH",
                    help="files, folders or glob patterns: .txt .jsonl (.gz .zst) .parquet")
     p.add_argument("--name", help="dataset folder name under --out_dir (default: source or input stem)")
-    p.add_argument("--out_dir", default="data")
-    p.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
+    p.add_argument("--out_dir", help="where dataset folders (and downloads/) live (default data)")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default byte")
     p.add_argument("--tiktoken_file", help="local gpt2.tiktoken rank file: build gpt2 offline")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents in val (default 0.01)")
+    p.add_argument("--val_fraction", type=float, help="share of documents in val (default 0.01)")
     p.add_argument("--val_docs", type=int, help="exactly N documents in val instead")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenising processes")
-    p.add_argument("--text_field", default="text", help="jsonl key / parquet column (default text)")
+    p.add_argument("--seed", type=int, help="chooses which documents go to val (default 1337)")
+    p.add_argument("--num_proc", type=int, help="tokenising processes (default: the CPUs this process may use)")
+    p.add_argument("--text_field", help="jsonl key / parquet column (default text)")
     p.add_argument("--txt_split", choices=TXT_SPLITS, help="documents in .txt (default file; shakespeare: blank_lines)")
-    p.add_argument("--separator", default="<|endoftext|>", help="with --txt_split=separator")
     p.add_argument("--llmc", action="store_true", help="also write llm.c shards into <name>/llmc/")
     p.add_argument("--overwrite", action="store_true", help="replace the folder of that name, whatever it holds")
-    return p
-
-
-def main(argv=None) -> int:
-    """Run the command line; return the exit code (2: bad input, told in one line)."""
-    start = time.perf_counter()
     try:
-        config = PrepareConfig(**vars(build_parser().parse_args(argv)))
+        config = PrepareConfig(**vars(p.parse_args(argv)))
         m = prepare(config)
     except PrepareError as err:
         print(f"prepare_data.py: error: {err}", file=sys.stderr)
@@ -653,14 +579,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted; no dataset was written", file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - start
-    print(f"wrote {Path(config.out_dir) / config.name}: {m['train_documents']:,} train / {m['val_documents']:,} val "
-          f"documents, {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}, ids up to "
-          f"{m['max_token_id']:,})\ntokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}, eot {m['eot_token']}), "
-          f"{m['input_chars'] / 1e6:.1f}M characters in {seconds:.1f} s\nskipped {m['empty_documents_skipped']} "
-          f"empty documents, {m['unreadable_files_skipped']} unreadable files, {m['bad_json_lines_skipped']} bad "
-          f"json lines, {m['symlinks_skipped']} symlinks leading out of the input; replaced "
-          f"{m['replaced_invalid_bytes']} invalid UTF-8 bytes")
+    notes = "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in m.items() if n and k.endswith(("_skipped", "_bytes")))
+    print(f"wrote {Path(config.out_dir) / config.name} in {time.perf_counter() - start:.1f} s: "
+          f"{m['train_documents']:,} train / {m['val_documents']:,} val documents, {m['train_tokens']:,} train / "
+          f"{m['val_tokens']:,} val {m['tokenizer']} tokens ({m['dtype']}){notes}")
     return 0
 
 

@@ -580,7 +580,6 @@ BAD_INPUTS = [  # (arguments, what the one line must say), in a folder that hold
     (["--input=ok.txt", "--tiktoken_file=ok.txt"], "--tiktoken_file needs --tokenizer=gpt2"),
     (["--input=ok.txt", "--source=stdlib"], "use one of them"),
     (["--input=ok.txt", "--name=../up"], "must be a plain folder name"),
-    (["--input=ok.txt", "--txt_split=separator", "--separator= "], "--separator must hold visible characters"),
     (["--input=ok.txt", "--bogus=1"], "unrecognized arguments: --bogus=1"),
     (["--input=ok.txt", "--val_frac=0.5"], "unrecognized arguments: --val_frac=0.5"),  # no abbreviations
     (["--input=ok.txt", "--name=foreign"], "not written by prepare_data.py"),
