@@ -5,7 +5,7 @@
     python prepare_data.py --input=corpus/ --name=mine --tokenizer=gpt2 --tiktoken_file=gpt2.tiktoken
     python prepare_data.py --help                   # every option
 
-Writes <out_dir>/<name>/, read by train.read_meta and train.load_split: train.bin and val.bin (flat little-endian
+Writes <out_dir>/<name>/, read by dataset.py (train.py, the probes): train.bin and val.bin (flat little-endian
 ids, uint16, or uint32 when vocab_size > 65536, the end-of-text id BEFORE every document), meta.json (tokenizer,
 vocab_size, dtype, eot_token, max_token_id, counts, the recipe) and with --llmc the splits as llm.c shards in llmc/.
 All is written into a hidden .<name>.partial/, meta.json last, renamed when complete; a folder of another recipe,
