@@ -22,6 +22,7 @@ MUTATIONS = [  # (what, file, line as it is, line with the bug, the test that mu
  ("eval on train data", "train.py", 'val = evaluate(model, val_data, val_windows,', 'val = evaluate(model, train_data, val_windows,', "tests/test_train.py::test_evaluation_reads_only_validation_data"),
  ("eval leaves eval mode", "train.py", '''        dist.all_reduce(sums)
     model.train()''', '''        dist.all_reduce(sums)''', "tests/test_train.py::test_evaluation_is_deterministic_and_leaves_training_mode_with_dropout"),
+ ("dropout seed local", "train.py", 'np.random.SeedSequence([cfg.seed, it, g])', 'np.random.SeedSequence([cfg.seed, it, micro])', "tests/test_train.py::test_ddp_two_ranks_equal_one_process_with_more_accumulation"),
  ("late start off by one", "train.py", '0.0 if it < cfg.nitp_start_iter else', '0.0 if it <= cfg.nitp_start_iter else', "tests/test_train.py::test_late_nitp_start_switches_the_weight_at_that_step"),
 ]
 
