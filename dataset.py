@@ -3,7 +3,7 @@ Token data for training: the folders prepare_data.py writes and llm.c / modded-n
 windows of ids that make a batch.
 
     train, val, meta, where = dataset.load_data(data_dir="data/stdlib")
-    train, val, meta, where = dataset.load_data(train_shards="fineweb10B/fineweb_train_*.bin", val_shards="...val_*.bin")
+    train, val, meta, where = dataset.load_data(train_shards="fineweb10B/fineweb_train_*.bin", val_shards="...")
     x, y = dataset.get_batch(train, dataset.batch_offsets(len(train), block_size, batch_size, seed, step, micro), ...)
 
 A folder holds meta.json (dtype, vocab_size, token counts, tokenizer, ...) and train.bin / val.bin: the ids of all

@@ -338,7 +338,8 @@ def run(argv):
                     if master:
                         save_checkpoint(ckpt_path, {
                             **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                            "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
                 break
