@@ -51,9 +51,10 @@ import numpy as np
 import torch
 
 import prepare_data
-from experiments import probe
-from model import GPT, GPTConfig, flops_per_token, load_checkpoint
 from dataset import DatasetError, load_split, read_meta
+from experiments import probe
+from experiments.run_experiments import read_records
+from model import GPT, GPTConfig, flops_per_token, load_checkpoint
 from train import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,19 +288,6 @@ def verdict_text(log):
 # ----------------------------------------------------------------------------------------------
 # one training run, watched: every evaluation logged, every checkpoint probed
 
-def read_records(path):
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a line being written
-    return out
-
-
 def probe_into(entry, model, val, eot, device, ctx, p):
     r = probe.probe_model(model, val, eot, device, ctx, n_docs=p["probe_docs"], n_tokens=p["probe_tokens"])
     entry.update(recall_at_1=r["retrieval"]["recall_at_1"], mrr=r["retrieval"]["mrr"],
@@ -327,7 +315,7 @@ def watch_run(name, argv, out, log, p, data, device, say):
             while True:
                 ended = proc.poll() is not None
                 changed = False
-                for r in read_records(os.path.join(run_dir, "log.jsonl")):
+                for r in read_records(run_dir):
                     if "val_loss" in r and str(r["iter"]) not in run["evals"]:
                         run["evals"][str(r["iter"])] = {**r, "t": round(time.time() - start, 1)}
                         changed = True
