@@ -363,7 +363,8 @@ def run(argv):
                 g = rank * accum + micro
                 offsets = batch_offsets(len(train_data), mcfg.block_size, cfg.batch_size, cfg.seed, it, g)
                 x, y = get_batch(train_data, offsets, mcfg.block_size, device)
-                torch.manual_seed(int(np.random.SeedSequence([cfg.seed, it, g]).generate_state(1)[0]))
+                if mcfg.dropout:  # nothing else in a step draws random numbers
+                    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, it, g]).generate_state(1)[0]))
                 with ctx:
                     _, losses = train_model(x, y, **weight)
                 # Every micro-batch holds the same number of tokens, so dividing each mean by the number
