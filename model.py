@@ -328,6 +328,9 @@ class TrainConfig:
     eval_interval: int = 100  # evaluate and checkpoint every this many steps (and at the end)
     eval_iters: int = 20  # validation batches, the same fixed ones at every evaluation
     log_interval: int = 10  # print and log a training record every this many steps
+    eval_tasks: str = ""  # downstream tasks (tasks.py), comma-separated: "own,hellaswag,my.jsonl,piqa:5"; "" = none
+    task_eval_interval: int = 0  # score them every this many steps (and at the end); 0 = at every evaluation
+    task_items: int = 200  # items per task (the first ones; the own task draws this many); 0 = all
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
@@ -341,7 +344,8 @@ class TrainConfig:
     def __post_init__(self):  # every number finite and in range, every choice one of its values
         at_least = dict(batch_size=1, gradient_accumulation_steps=1, max_iters=1, eval_interval=1, eval_iters=1,
                         log_interval=1, total_batch_size=0, warmup_iters=0, lr_decay_iters=0, seed=0, nitp_start_iter=0,
-                        min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0)
+                        min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0, task_eval_interval=0,
+                        task_items=0)
         choices = dict(init_from=("scratch", "resume"), lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
                        dtype=("auto", "float32", "bfloat16", "float16"))
         check_fields(self, at_least, choices)

@@ -35,6 +35,7 @@ from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offse
 from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,
                    load_checkpoint, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine
+from tasks import TaskError, load_tasks, log_record, score_tasks
 
 
 class UsageError(Exception):
@@ -220,6 +221,14 @@ def run(argv):
         raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
                          f"* world_size = {per_micro} tokens: make it one")
     accum = cfg.total_batch_size // per_micro or accum
+    tasks = []  # downstream tasks, tokenised once; a text task needs the dataset's tokenizer
+    if cfg.eval_tasks:
+        from prepare_data import PrepareError, get_tokenizer
+        try:
+            tokenizer = get_tokenizer(meta.get("tokenizer", ""))
+        except PrepareError:
+            tokenizer = None  # the own task still works; a text task says it needs the tokenizer
+        tasks = load_tasks(cfg.eval_tasks, val_data, meta, mcfg.block_size, cfg.task_items, cfg.seed, tokenizer)
 
     # --- the checkpoint to resume: refuse one of another model shape; name any schedule knob that changed
     ckpt_path, log_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl"), None
@@ -325,6 +334,11 @@ def run(argv):
                                mcfg.aux_name if mcfg.nitp else None, *((0, 1) if cfg.fsdp else (rank, world_size)))
                 if master or cfg.fsdp:
                     val.update(geometry(raw_model, get_batch(val_data, val_windows[0], mcfg.block_size, device)[0], ctx))
+                if tasks and (not cfg.task_eval_interval or it % cfg.task_eval_interval == 0 or it == cfg.max_iters):
+                    t = time.time()  # through raw_model: no recompilation for the tasks' shapes
+                    scores = score_tasks(raw_model, tasks, meta["eot_token"], ctx, device, rank, world_size, cfg.fsdp,
+                                         n_tokens=vocab)
+                    val.update(log_record(scores), task_seconds=time.time() - t)
                 if master:
                     append_jsonl(log_path, {"iter": it, **val})
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -427,7 +441,7 @@ def main(argv):
     code = 0
     try:
         run(argv)
-    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss) as e:
+    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
     if dist.is_initialized():
