@@ -331,6 +331,7 @@ class TrainConfig:
     eval_tasks: str = ""  # downstream tasks (tasks.py), comma-separated: "own,hellaswag,my.jsonl,piqa:5"; "" = none
     task_eval_interval: int = 0  # score them every this many steps (and at the end); 0 = at every evaluation
     task_items: int = 200  # items per task (the first ones; the own task draws this many); 0 = all
+    tiktoken_file: str = ""  # local gpt2.tiktoken ranks, for text tasks on a gpt2 dataset offline
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"

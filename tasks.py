@@ -192,12 +192,13 @@ def encode_task(name, items, encode, block_size, chance):
 # --- the dataset's own task
 def own_task(val, eot, block_size, n_items, seed, nbytes):
     """"Which continuation is this document's own?" from the validation split (documents start with eot): a passage,
-    its true next span and 3 spans of the same length from other documents. Passage + span fill block_size, so the
-    model sees windows like its training windows. nbytes(ids) -> UTF-8 length, for acc_norm."""
+    its true next span and 3 spans of the same length from other documents. The span is 1/8 of block_size (at most
+    32 tokens) and passage + span fill block_size, up to a passage of 8 spans (so long contexts still find documents
+    long enough). nbytes(ids) -> UTF-8 length, for acc_norm."""
     val = np.asarray(val)
     starts = np.flatnonzero(val == eot) if eot is not None else np.zeros(0, dtype=np.int64)
-    span = max(1, block_size // 8)
-    passage = block_size - span
+    span = max(1, min(32, block_size // 8))
+    passage = min(block_size - span, 8 * span)
     docs = [(s + 1, e) for s, e in zip(starts, list(starts[1:]) + [len(val)]) if e - s - 1 >= passage + span]
     if len(docs) < 2:
         raise TaskError(f"the own task needs 2 validation documents of at least {passage + span} tokens (each led by "

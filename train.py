@@ -224,9 +224,12 @@ def run(argv):
     tasks = []  # downstream tasks, tokenised once; a text task needs the dataset's tokenizer
     if cfg.eval_tasks:
         from prepare_data import PrepareError, get_tokenizer
+        ranks = cfg.tiktoken_file if meta.get("tokenizer") == "gpt2" and cfg.tiktoken_file else None
         try:
-            tokenizer = get_tokenizer(meta.get("tokenizer", ""))
-        except PrepareError:
+            tokenizer = get_tokenizer(meta.get("tokenizer", ""), tiktoken_file=ranks)
+        except PrepareError as e:
+            if ranks:
+                raise UsageError(str(e)) from None
             tokenizer = None  # the own task still works; a text task says it needs the tokenizer
         tasks = load_tasks(cfg.eval_tasks, val_data, meta, mcfg.block_size, cfg.task_items, cfg.seed, tokenizer)
 
