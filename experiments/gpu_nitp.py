@@ -18,7 +18,9 @@ NTP then NITP on one GPU in about ten minutes, offline: corpus, two runs, curves
    a proxy for the paper's embedding evaluation, not MTEB); step 0 is the same initial model, rebuilt.
    <out>/gpu_nitp.json and <out>/gpu_nitp.png (val loss, erank, mean cos, recall@1: NTP vs NITP) are
    rewritten after every evaluation, so a run stopped early still leaves its figures; the per-layer
-   erank and mean cosine of every probed step are in the JSON too.
+   erank and mean cosine of every probed step are in the JSON too. train.py also scores the downstream
+   tasks at every evaluation (tasks.py: the corpus's own task, and the public tasks whose files are in
+   data/tasks/), so the table shows accuracy next to the loss: the paper's question.
 4. The end: a summary table (printed, and in <out>/gpu_nitp.md), and whether NTP reached the paper's
    regime in the budget (spec, "What NITP is claimed to change": effective rank of the last states
    falling, pairwise cosine rising), judged over the second half of the run.
@@ -53,7 +55,7 @@ import torch
 import prepare_data
 from dataset import DatasetError, load_split, read_meta
 from experiments import probe
-from experiments.run_experiments import read_records
+from experiments.run_experiments import default_tasks, read_records
 from model import GPT, GPTConfig, flops_per_token, load_checkpoint
 from train import ArgumentParser, UsageError
 
@@ -255,7 +257,7 @@ def plot(log, path):
 
 def summary(log):
     lines = ["| run | steps | tokens | wall s | ms/step | val_loss | val_nitp | erank | mean_cos | nitp_cos | recall@1 "
-             "| MRR |", "|---|" + "---|" * 11]
+             "| MRR | own acc | tasks centred |", "|---|" + "---|" * 13]
     for name, run in log["runs"].items():
         if not run["evals"]:
             continue
@@ -263,7 +265,8 @@ def summary(log):
         probed = [run["evals"][i] for i in sorted(run["evals"], key=int) if "recall_at_1" in run["evals"][i]]
         pr = probed[-1] if probed else {}
         cells = [last.get("val_loss"), last.get("val_nitp"), last.get("erank"), last.get("mean_cos"),
-                 pr.get("nitp_cos"), pr.get("recall_at_1"), pr.get("mrr")]
+                 pr.get("nitp_cos"), pr.get("recall_at_1"), pr.get("mrr"), last.get("task/own/acc"),
+                 last.get("task/mean_centered")]
         lines.append(f"| {name} | {last['iter']} | {last['iter'] * log['plan']['tokens_per_step']:,} | "
                      f"{run.get('wall_s', 0):.0f} | {probe.fmt(run.get('ms_per_step'), '.0f')} | "
                      + " | ".join(probe.fmt(c) for c in cells) + " |")
@@ -419,7 +422,8 @@ def main(argv):
             f"ms/step at {ASSUMED_FLOPS:.1e} FLOP/s")
         val_meta = read_meta(data_dir)
         data = (load_split(data_dir, "val", val_meta), val_meta["eot_token"])
-        common = train_args(p, data_dir, args.seed, args.smoke)
+        common = train_args(p, data_dir, args.seed, args.smoke) + [f"--eval_tasks={default_tasks()}"] + (
+            [f"--tiktoken_file={os.path.abspath(args.tiktoken_file)}"] if args.tiktoken_file else [])
         for name, extra in (("ntp", ["--nitp_weight=0"]), ("nitp", [])):
             watch_run(name, common + extra, args.out, log, p, data, device, say)
     except (UsageError, DatasetError, prepare_data.PrepareError, probe.ProbeError) as e:

@@ -16,9 +16,11 @@ ablation table; nitp (the paper's defaults) is also its "target at ~20% of depth
 
 Then the probe (experiments/probe.py) runs on each final checkpoint (cached in the run folder), and
 the runner writes <out>/results.md, the final evaluation as mean ± std over seeds with the probe's
-retrieval recall@1 and MRR (a proxy for the paper's embedding evaluation, not MTEB), and, when
-matplotlib is installed, <out>/curves.png (val loss, auxiliary loss, effective rank and mean cosine
-against iteration). A progress bar counts training steps over the whole experiment.
+retrieval recall@1 and MRR (a proxy for the paper's embedding evaluation, not MTEB) and the downstream
+task scores (tasks.py: every run scores the dataset's own task, and the public tasks whose files are
+in data/tasks/, at every evaluation; `-- --eval_tasks=...` replaces the list), and, when
+matplotlib is installed, <out>/curves.png (val loss, auxiliary loss, effective rank, mean cosine and
+the own task's acc against iteration). A progress bar counts training steps over the whole experiment.
 """
 import dataclasses
 import hashlib
@@ -33,6 +35,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+import tasks
 import train
 from experiments import probe
 from model import CheckpointError, GPTConfig, load_checkpoint
@@ -58,13 +61,22 @@ VARIANTS = {
     "late_start": ["--nitp_start_iter=200"],  # NITP switched on later
 }
 DEPTHS = {"layer50": 0.5, "layer80": 0.8}
-PANELS = (("val_loss",), ("val_nitp", "val_generic_cos"), ("erank",), ("mean_cos",))  # curves.png
+PANELS = (("val_loss",), ("val_nitp", "val_generic_cos"), ("erank",), ("mean_cos",), ("task/own/acc",))  # curves.png
+TASK_METRICS = ("acc", "acc_norm", "centered", "mean_centered")  # the task scores in the table (tasks.log_record)
+
+
+def default_tasks(cache=tasks.CACHE):
+    """The downstream tasks every run scores: the dataset's own task, and the public ones whose files are present."""
+    present = [n for n, (file, *_) in tasks.PUBLIC.items() if os.path.isfile(os.path.join(cache, n, file))]
+    return ",".join(["own"] + present)
 
 
 def run_args(variant, seed, max_iters, extra):
     """train.py's arguments for one run (without --out_dir; max_iters 0 = not set here) and its
-    effective (TrainConfig, model overrides). Raises train.UsageError for arguments train.py would refuse."""
-    argv = [*([f"--max_iters={max_iters}"] if max_iters else []), *extra, *VARIANTS[variant], f"--seed={seed}"]
+    effective (TrainConfig, model overrides). Raises train.UsageError for arguments train.py would refuse.
+    --eval_tasks comes first, so that one after `--` wins."""
+    argv = [f"--eval_tasks={default_tasks()}", *([f"--max_iters={max_iters}"] if max_iters else []), *extra,
+            *VARIANTS[variant], f"--seed={seed}"]
     if variant in DEPTHS:
         n_layer = GPTConfig(**train.parse_args(argv)[1]).n_layer
         argv.append(f"--nitp_layer={min(n_layer - 1, max(1, round(DEPTHS[variant] * n_layer)))}")
@@ -171,8 +183,11 @@ def summarise(rows):
     markdown table, mean ± std over the finished seeds (std needs 2+). Auxiliary-loss columns appear
     only where some variant logs them."""
     present = {m for _, finals, _ in rows for f in finals for m in f}
-    metrics = [m for m in ("val_loss", "val_nitp", "val_generic_cos", "erank", "mean_cos", "recall_at_1", "mrr")
-               if m in present or m in ("val_loss", "val_nitp", "erank", "mean_cos")]
+    scored = sorted(m for m in present if m.startswith("task/") and m.rsplit("/", 1)[1] in TASK_METRICS)
+    if len({m.split("/")[1] for m in scored}) <= 2:  # one task: its mean centred score is its centred score
+        scored = [m for m in scored if m != "task/mean_centered"]
+    metrics = [m for m in ("val_loss", "val_nitp", "val_generic_cos", "erank", "mean_cos", *scored, "recall_at_1",
+                           "mrr") if m in present or m in ("val_loss", "val_nitp", "erank", "mean_cos")]
     lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for v, finals, n_diverged in rows:
         cells = []
@@ -212,8 +227,8 @@ def plot(runs_by_variant, path):
             m = next((k for k in keys if k in runs[0][-1]), None)
             if m is None:
                 continue
-            iters = [r["iter"] for r in runs[0]]
-            per_iter = list(zip(*[[r[m] for r in run] for run in runs]))  # (n_evals, n_seeds)
+            iters = [r["iter"] for r in runs[0] if m in r]  # tasks may be scored at fewer evaluations
+            per_iter = list(zip(*[[r[m] for r in run if m in r] for run in runs]))  # (n_evals, n_seeds)
             ax.plot(iters, [statistics.mean(x) for x in per_iter], label=v, color=f"C{color % 10}",
                     linestyle="--" if m == "val_generic_cos" else "-")
             ax.fill_between(iters, [min(x) for x in per_iter], [max(x) for x in per_iter], alpha=0.2,
