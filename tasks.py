@@ -49,11 +49,11 @@ def hellaswag_item(r, _):
 
 
 def arc_item(r, _):
-    labels = [c["label"] for c in r["question"]["choices"]]
-    key = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(r["answerKey"], r["answerKey"])
-    labels = [{"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(x, x) for x in labels]
+    letter = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}  # a few items number their choices
+    labels = [letter.get(c["label"], c["label"]) for c in r["question"]["choices"]]
     return {"context": f"Question: {r['question']['stem']}\nAnswer:",
-            "choices": [" " + c["text"] for c in r["question"]["choices"]], "answer": labels.index(key)}
+            "choices": [" " + c["text"] for c in r["question"]["choices"]],
+            "answer": labels.index(letter.get(r["answerKey"], r["answerKey"]))}
 
 
 def piqa_item(r, label):
@@ -357,7 +357,12 @@ def download(name, cache=CACHE):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Download public tasks into data/tasks/.")
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # one line and exit code 2, instead of a usage block
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+    p = ArgumentParser(description="Download public tasks into data/tasks/.")
     p.add_argument("--download", required=True, help=f"comma-separated, of {', '.join(PUBLIC)}")
     names = [n for n in p.parse_args().download.split(",") if n]
     bad = [n for n in names if n not in PUBLIC or not PUBLIC[n][2]]

@@ -227,6 +227,14 @@ def test_public_task_from_the_cache_and_its_missing_file(tmp_path):
     assert task.items[0][:2] == (tok.encode("a b"), [tok.encode(" c")])
 
 
+@pytest.mark.parametrize("args, why", [(["--download=bogus"], "cannot download bogus"),
+                                       (["--download=balanced_copa"], "cannot download balanced_copa"),
+                                       ([], "--download")])
+def test_download_refuses_what_it_cannot_fetch(args, why):
+    out = run_script("tasks.py", *args, timeout=60)
+    assert out.returncode == 2 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_generic_jsonl_task_and_its_chance(tmp_path):
     path = write_lines(tmp_path / "mine.jsonl", [{"context": "x", "choices": ["a", "b"], "answer": 1},
                                                  {"context": "y", "choices": ["a", "b", "c", "d"], "answer": 0}])
