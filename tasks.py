@@ -271,17 +271,20 @@ def continuation_logprobs(model, rows, block_size, eot, ctx, device, batch_size,
         seqs = [([eot] + c + k)[-(block_size + 1):] for c, k in batch]
         width = max(len(s) for s in seqs) - 1
         x = torch.zeros(len(seqs), width, dtype=torch.long)  # (B, T): right-padding never reaches earlier positions
-        for i, s in enumerate(seqs):
-            x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        with ctx:
-            logits, _ = model(x.to(device))
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        y = torch.zeros(len(seqs), width, dtype=torch.long)  # (B, T): the next ids
+        scored = torch.zeros(len(seqs), width, dtype=torch.bool)  # (B, T): the positions predicting the continuation
         for i, (s, (_, cont)) in enumerate(zip(seqs, batch)):
-            n = len(cont)
-            target = torch.tensor(cont, device=device)
-            pos = logp[i, len(s) - 1 - n:len(s) - 1]  # (n, V): the positions that predict the continuation
-            greedy = bool((pos[:, :n_tokens].argmax(-1) == target).all())
-            out.append((pos.gather(1, target[:, None]).sum().item(), greedy))
+            x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+            scored[i, len(s) - 1 - len(cont):len(s) - 1] = True
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with ctx:
+            logits, _ = model(x)
+        logits = logits.float()  # (B, T, V)
+        logp = F.log_softmax(logits, dim=-1).gather(2, y[..., None]).squeeze(2)  # (B, T)
+        hits = logits[..., :n_tokens].argmax(-1) == y  # (B, T): greedy decoding would produce the next id
+        sums = torch.where(scored, logp, 0.0).sum(1).tolist()  # one host sync per batch
+        greedy = (hits | ~scored).all(1).tolist()
+        out += zip(sums, greedy)
     return out
 
 
