@@ -237,7 +237,7 @@ def test_config_rejects_bad_values():
         tiny_config(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="nitp_loss"):
         tiny_config(nitp_loss="kl")
-    assert GPTConfig(n_layer=17).nitp_layer == 3 and GPTConfig(n_layer=24).nitp_layer == 5  # ~20% of depth
+    assert [GPTConfig(n_layer=n).nitp_layer for n in (17, 24, 16, 28)] == [4, 5, 3, 6]  # the spec's, all four
 
 
 # ------------------------------------------------------------------------------------------------
