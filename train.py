@@ -72,16 +72,18 @@ def read_config_file(path):
     try:
         with open(path, encoding="utf-8") as f:
             body = ast.parse(f.read(), filename=path).body
-    except (OSError, SyntaxError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte
+    except (OSError, SyntaxError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or a NUL byte
         why = "it is not UTF-8 text, save it as UTF-8" if isinstance(e, UnicodeDecodeError) else e
         raise UsageError(f"cannot read config file {path}: {why}") from None
     flags = []
     for node in body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        try:
+        try:  # TypeError: an unhashable literal ({[1]: 2}); a chained `a = b = 1` would set only `a`
+            if len(node.targets) != 1:
+                raise ValueError
             flags.append(f"--{node.targets[0].id}={ast.literal_eval(node.value)}")
-        except (AttributeError, IndexError, ValueError):  # not `name = literal`
+        except (AttributeError, ValueError, TypeError, RecursionError):  # not `name = literal`
             raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file") from None
     return flags
 

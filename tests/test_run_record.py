@@ -92,7 +92,8 @@ time.sleep(120)
 def test_a_held_lock_refuses_a_second_run_and_is_released_when_its_holder_dies(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / "train.lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / "train.lock")], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1") == 2
@@ -145,7 +146,7 @@ def test_a_refusal_ends_every_rank_with_its_line(data_dir, tmp_path):
     out = tmp_path / "out"
     assert run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1") == 0
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "train.py", *TINY,
-                        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", timeout=180)
+                        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("error: ") >= 2 and result.stderr.count("already holds a run") >= 2, result.stderr
 
@@ -241,3 +242,117 @@ def test_the_val_docs_threshold_puts_exactly_that_many_documents_in_val(n_docs, 
     threshold = prepare_data.docs_threshold(11, n_docs, val_docs)
     assert int((prepare_data.split_hashes(11, np.arange(n_docs)) < np.uint64(threshold)).sum()) == val_docs
 
+
+
+# ------------------------------------------------------------------------------------------------
+# one-line bugs the rest of the suite let through, and the rest of each one's kind
+
+BAD_CONFIG_LINES = ["n_layer = 2 * 3", "n_layer = 2 if True else 3", "n_layer = int('2')", "n_layer += 1",
+                    "n_layer: int = 2", "a, b = 1, 2", "n_layer = n_head = 2", "n_layer = {[1]: 2}",
+                    "n_layer = {{1: 2}}", "n_layer = " + "-" * 5000 + "1", "n_layer = " + "(" * 300 + "1" + ")" * 300,
+                    "import os", "n_layer[0] = 1", "if True: n_layer = 2"]
+
+
+@pytest.mark.parametrize("line", BAD_CONFIG_LINES, ids=range(len(BAD_CONFIG_LINES)))
+def test_a_config_file_line_that_is_not_key_equals_literal_is_one_line(tmp_path, capsys, line):
+    (tmp_path / "bad.py").write_text(line + "\n")
+    assert train.main([str(tmp_path / "bad.py"), f"--out_dir={tmp_path / 'out'}"]) == 2
+    assert "bad.py" in one_error_line(capsys) and not (tmp_path / "out").exists()
+
+
+def test_every_micro_step_draws_its_own_batch_and_dropout_masks(data_dir, tmp_path, monkeypatch):
+    """Not a comparison of two runs (both would share a bug): within one run, no two micro-steps may reuse a
+    dropout seed or a batch, and another --seed changes every one of them."""
+    seeds, windows = [], []
+    real_seed, real_batch = torch.manual_seed, train.get_batch
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(int(s)) or real_seed(s))
+    monkeypatch.setattr(train, "get_batch", lambda data, offsets, *a: windows.append((len(data), tuple(offsets)))
+                        or real_batch(data, offsets, *a))
+    per_run = []
+    for seed in (1, 2):
+        seeds.clear(), windows.clear()
+        assert run_train(f"--data_dir={data_dir}", f"--out_dir={tmp_path / str(seed)}", "--max_iters=3",
+                         "--gradient_accumulation_steps=2", "--dropout=0.1", f"--seed={seed}") == 0
+        assert seeds[0] == seed  # the initial weights; then one reseed per micro-step
+        train_windows = [w for n, w in windows if n == 20_000]  # conftest's train split
+        assert len(seeds[1:]) == len(set(seeds[1:])) == 6 and len(train_windows) == len(set(train_windows)) == 6
+        per_run.append((set(seeds[1:]), set(train_windows)))
+    assert not per_run[0][0] & per_run[1][0] and not per_run[0][1] & per_run[1][1]
+
+
+def test_evaluation_over_ranks_with_uneven_batches_equals_one_process(data_dir, tmp_path):
+    """3 validation batches over 2 ranks: DDP splits them 2 + 1 and must still average all 3; FSDP runs every batch on
+    every rank (each forward is a collective: uneven counts hang)."""
+    common = [f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=1", "--eval_iters=3"]
+    assert run_train(*common, f"--out_dir={tmp_path / 'one'}", "--gradient_accumulation_steps=2") == 0  # = 2 ranks
+    _, reference = read_log(tmp_path / "one")
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp=true"])):
+        torchrun(*common, f"--out_dir={tmp_path / name}", *extra, timeout=150)
+        _, evals = read_log(tmp_path / name)
+        assert len(evals) == len(reference) == 3
+        for got, want in zip(evals, reference):
+            assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in got), name
+
+
+def test_skipped_steps_change_nothing_and_a_good_step_resets_the_count(data_dir, tmp_path, monkeypatch):
+    """12 non-finite steps, never two in a row (the limit is 10 in a row): the run completes, and across each skipped
+    step the weights and AdamW's state stay bit for bit what they were."""
+    bad, snapshots, optimizers = set(range(1, 24, 2)), [], []
+    real_clip, real_configure = torch.nn.utils.clip_grad_norm_, GPT.configure_optimizers
+    monkeypatch.setattr(GPT, "configure_optimizers", lambda self, *a: optimizers.append(real_configure(self, *a))
+                        or optimizers[-1])
+
+    def poisoning_clip(params, max_norm, *a, **k):  # called once per step, before the optimizer
+        params = list(params)
+        state = [t.clone() for p in params for t in [p.detach(), *optimizers[0].state.get(p, {}).values()]]
+        if len(snapshots) in bad:
+            for p in params:
+                p.grad.fill_(float("nan"))
+        snapshots.append(state)
+        return real_clip(params, max_norm, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoning_clip)
+    assert run_train(f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--max_iters=25",
+                     "--on_nonfinite=skip") == 0
+    assert len(snapshots) == 25
+    for step in range(24):  # the state before step+1 vs before step
+        same = len(snapshots[step]) == len(snapshots[step + 1]) and all(
+            torch.equal(a, b) for a, b in zip(snapshots[step], snapshots[step + 1]))
+        assert same == (step in bad), step
+    steps, _ = read_log(tmp_path / "out")
+    assert all(np.isfinite(r["loss"]) for r in steps if r["iter"] - 1 not in bad)
+
+
+def write_shard(path, tokens, magic=20240520, version=1, count=None, tail=b""):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes() + tail)
+    return path
+
+
+@pytest.mark.parametrize("bad", [dict(magic=20240521), dict(version=2), dict(count=101), dict(count=99),
+                                 dict(tail=b"\0"), dict(count=-1)])
+def test_an_llmc_shard_with_a_wrong_header_or_size_is_refused(tmp_path, bad):
+    tokens = np.arange(100)
+    good = dataset.read_llmc_shard(str(write_shard(tmp_path / "good.bin", tokens)))
+    assert np.array_equal(good, tokens)
+    path = write_shard(tmp_path / "bad.bin", tokens, **bad)
+    with pytest.raises(dataset.DatasetError, match="bad.bin.*not an llm.c token shard"):
+        dataset.read_llmc_shard(str(path))
+
+
+def test_an_llmc_shard_shorter_than_its_header_is_refused(tmp_path):
+    (tmp_path / "short.bin").write_bytes(np.array([20240520, 1, 0], dtype="<i4").tobytes())
+    with pytest.raises(dataset.DatasetError, match="short.bin"):
+        dataset.read_llmc_shard(str(tmp_path / "short.bin"))
+
+
+def test_the_router_scores_are_fp32_values_under_bf16_autocast():
+    """Not only fp32 tensors: the values of an fp32 product, which bf16 logits (2-3 digits) would not give."""
+    cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=64, n_experts=8, moe_top_k=2)
+    layer = model_py.MoE(cfg)
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, _, _ = layer.route(x)
+    want = (x.double() @ layer.router.weight.detach().double().T).softmax(dim=-1)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-7)
