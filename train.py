@@ -7,7 +7,8 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
 
 Knobs are the fields of TrainConfig and GPTConfig in model.py: `--key=value` sets one, a config file of `key = value`
 lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
-and config.json; `--init_from=resume` continues ckpt.pt with the same data, dropout masks and loss scale.
+and config.json (a fresh run refuses a folder holding a run unless --overwrite=true); `--init_from=resume` continues
+ckpt.pt with the same data, dropout masks and loss scale. `--wandb_project=NAME` mirrors the log to wandb.
 Reading order: the command line, the schedule, evaluation, then run(): the setup, then the loop in the order it runs.
 """
 import argparse
