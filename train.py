@@ -273,9 +273,9 @@ def run(argv):
                     problem = (f"{cfg.out_dir} already holds a run ({', '.join(found)}): continue it with "
                                f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to delete it")
                 elif cfg.init_from == "scratch":  # nothing of an old run (or of its interrupted writes) survives
-                    for name in ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "config.json"):
-                        if os.path.exists(os.path.join(cfg.out_dir, name)):
-                            os.remove(os.path.join(cfg.out_dir, name))
+                    for stale in ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "config.json"):
+                        if os.path.exists(os.path.join(cfg.out_dir, stale)):
+                            os.remove(os.path.join(cfg.out_dir, stale))
         except OSError as e:
             problem = f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir"
         if cfg.wandb_project and not problem:
