@@ -378,16 +378,19 @@ def test_losses_and_geometry_keep_full_precision_for_bf16_inputs():
     g = torch.Generator().manual_seed(0)
     target = torch.randn(2, 9, 64, generator=g).bfloat16()
     pred = (target.float() + 0.01 * torch.randn(2, 9, 64, generator=g)).bfloat16()  # aligned: 1 - cos ~ 5e-5
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = {name: implicit_token_loss(pred, target, loss=name) for name in ("cosine", "mse", "smooth_l1")}
-        got["generic_cosine"] = generic_cosine_loss(pred)
+    got = {}
+    for autocast in (True, False):  # autocast runs some losses (smooth_l1) in fp32 itself; bf16 weights do not
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got.update({(name, autocast): implicit_token_loss(pred, target, loss=name)
+                        for name in ("cosine", "mse", "smooth_l1")})
+            got["generic_cosine", autocast] = generic_cosine_loss(pred)
     p, t = pred.double()[:, :-1], target.double()[:, 1:]  # (B, T-1, C): pred at t, target at t+1
     u = F.normalize(pred.double(), dim=-1)
     pairs = u @ u.transpose(1, 2)  # (B, T, T)
     want = {"cosine": (1 - F.cosine_similarity(p, t, dim=-1)).mean(), "mse": ((p - t) ** 2).mean(),
             "smooth_l1": F.smooth_l1_loss(p, t),
             "generic_cosine": (pairs.sum() - pairs.diagonal(0, 1, 2).sum()) / (2 * 9 * 8)}  # B * T * (T-1) pairs
-    for name, value in got.items():
+    for (name, autocast), value in got.items():
         assert value.dtype == torch.float32 and abs(value.item() - want[name].item()) < 1e-6 * max(1, want[name]), name
     states = (torch.randn(60, 12, generator=g) @ torch.diag(torch.linspace(0.1, 3, 12))).bfloat16()
     h = states.double().numpy()

@@ -2,7 +2,7 @@
 Each test of a property must fail when the code is wrong: this applies one deliberate bug at a
 time to a copy of the repository and checks that the test written for it fails (pytest exit 1).
 
-    python tests/mutants.py          # ~1 minute on 2 cores; prints one line per bug
+    python tests/mutants.py          # ~20 minutes on 2 shared cores; prints one line per bug
 
 Not collected by pytest (it runs pytest itself); rerun it after changing a guarded line.
 """
