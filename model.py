@@ -78,7 +78,9 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        auto_layer = max(1, round(0.2 * self.n_layer)) if self.n_layer > 1 else 0  # ~20% of depth: 4 of 17, 3 of 16
+        # ~20% of the n_layer + 1 states 0..n_layer gives the spec's 4 of 17, 5 of 24, 3 of 16 and 6 of 28 (20% of
+        # n_layer rounds 17 to 3, its ceiling 16 to 4)
+        auto_layer = max(1, round((self.n_layer + 1) / 5)) if self.n_layer > 1 else 0
         self.nitp_layer = auto_layer if self.nitp_layer == -1 else self.nitp_layer
         if self.n_experts and not self.expert_hidden:  # iso-active: K routed + shared experts as wide as the dense MLP
             self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
@@ -307,6 +309,9 @@ class TrainConfig:
     train_shards: str = ""  # glob of llm.c / modded-nanogpt .bin shards (GPT-2 ids) to train on instead of a dataset
     val_shards: str = ""  # glob of such shards for validation (both or neither)
     init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    overwrite: bool = False  # scratch into an out_dir holding a run: delete its log, checkpoint and config first
+    wandb_project: str = ""  # also log every log.jsonl record and the config to this wandb project; "" = off
+    wandb_run_name: str = ""  # the wandb run's display name; "" = wandb picks one
     # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps * world_size
     batch_size: int = 16  # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step per process
@@ -354,6 +359,10 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
+        if self.overwrite and self.init_from == "resume":
+            raise ValueError("overwrite=True deletes the run in out_dir, init_from=resume continues it: pass one")
+        if self.wandb_run_name and not self.wandb_project:
+            raise ValueError(f"wandb_run_name={self.wandb_run_name!r} names a run in a wandb project: set wandb_project")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
             raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), "
                              f"decay_frac={self.decay_frac} in [0, 1]")

@@ -431,7 +431,8 @@ def docs_threshold(seed: int, n_docs: int, val_docs: int) -> int:
     smallest = np.zeros(0, dtype=np.uint64)
     for start in range(0, n_docs, 1 << 20):
         block = split_hashes(seed, np.arange(start, min(start + (1 << 20), n_docs)))
-        smallest = np.partition(np.concatenate([smallest, block]), val_docs)[:val_docs + 1]
+        pool = np.concatenate([smallest, block])  # while it holds at most val_docs + 1 hashes, all are kept
+        smallest = pool if pool.size <= val_docs + 1 else np.partition(pool, val_docs)[:val_docs + 1]
     return int(np.sort(smallest)[val_docs])
 
 

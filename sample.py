@@ -68,7 +68,7 @@ def main(argv):
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--export", default="", help="write the head-free inference weights to this file and exit")
     p.add_argument("--export_hf", default="", help="write a Hugging Face Llama folder (needs safetensors) and exit")
-    p.add_argument("--start", default="\n", help="prompt text")
+    p.add_argument("--start", default="\n", help="prompt text; \"\" starts a new document")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -104,12 +104,14 @@ def main(argv):
     except PrepareError as e:
         p.error(str(e))
     torch.manual_seed(args.seed)
-    idx = torch.tensor([tok.encode(args.start)], dtype=torch.long, device=args.device)
+    # An empty prompt starts where every document starts: after the end-of-text id (prepare_data.py puts one first)
+    eot = data.get("eot_token", tok.eot_token)
+    idx = torch.tensor([tok.encode(args.start) or [eot]], dtype=torch.long, device=args.device)
     for _ in range(args.num_samples):
         # n_tokens: never sample the ids that only pad vocab_size up to a multiple of 64.
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              n_tokens=data["vocab_size"])
-        print(tok.decode(out[0].tolist()))
+        print(tok.decode(out[0, 0 if args.start else 1:].tolist()))  # prompt and sample, no leading end-of-text
         print("-" * 60)
 
 

@@ -237,7 +237,7 @@ def test_config_rejects_bad_values():
         tiny_config(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="nitp_loss"):
         tiny_config(nitp_loss="kl")
-    assert GPTConfig(n_layer=17).nitp_layer == 3 and GPTConfig(n_layer=24).nitp_layer == 5  # ~20% of depth
+    assert [GPTConfig(n_layer=n).nitp_layer for n in (17, 24, 16, 28)] == [4, 5, 3, 6]  # the spec's, all four
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,3 +370,31 @@ def test_geometry_degenerate_cases():
     assert mean_pairwise_cosine(rank_one) == pytest.approx(numpy_mean_cos(rank_one.numpy()), abs=1e-12)
     isotropic = torch.eye(6, dtype=torch.float64).repeat(50, 1) * torch.tensor([1.0, -1.0]).repeat_interleave(150)[:, None]
     assert effective_rank(isotropic) == pytest.approx(6.0, rel=1e-9)  # spread evenly over 6 directions
+
+
+def test_losses_and_geometry_keep_full_precision_for_bf16_inputs():
+    """Under bf16 autocast the model hands these functions bf16 states: the losses must compute in fp32 and the
+    geometry in float64 from those values; arithmetic rounded to bf16 (3 digits) misses by far more than this."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 9, 64, generator=g).bfloat16()
+    pred = (target.float() + 0.01 * torch.randn(2, 9, 64, generator=g)).bfloat16()  # aligned: 1 - cos ~ 5e-5
+    got = {}
+    for autocast in (True, False):  # autocast runs some losses (smooth_l1) in fp32 itself; bf16 weights do not
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got.update({(name, autocast): implicit_token_loss(pred, target, loss=name)
+                        for name in ("cosine", "mse", "smooth_l1")})
+            got["generic_cosine", autocast] = generic_cosine_loss(pred)
+    p, t = pred.double()[:, :-1], target.double()[:, 1:]  # (B, T-1, C): pred at t, target at t+1
+    u = F.normalize(pred.double(), dim=-1)
+    pairs = u @ u.transpose(1, 2)  # (B, T, T)
+    want = {"cosine": (1 - F.cosine_similarity(p, t, dim=-1)).mean(), "mse": ((p - t) ** 2).mean(),
+            "smooth_l1": F.smooth_l1_loss(p, t),
+            "generic_cosine": (pairs.sum() - pairs.diagonal(0, 1, 2).sum()) / (2 * 9 * 8)}  # B * T * (T-1) pairs
+    for (name, autocast), value in got.items():
+        assert value.dtype == torch.float32 and abs(value.item() - want[name].item()) < 1e-6 * max(1, want[name]), name
+    states = (torch.randn(60, 12, generator=g) @ torch.diag(torch.linspace(0.1, 3, 12))).bfloat16()
+    h = states.double().numpy()
+    for given in (states, states.float()):
+        assert effective_rank(given) == pytest.approx(numpy_erank(h), rel=1e-9)
+        assert mean_pairwise_cosine(given) == pytest.approx(numpy_mean_cos(h), abs=1e-12)
+

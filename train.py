@@ -7,13 +7,15 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
 
 Knobs are the fields of TrainConfig and GPTConfig in model.py: `--key=value` sets one, a config file of `key = value`
 lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
-and config.json; `--init_from=resume` continues ckpt.pt with the same data, dropout masks and loss scale.
+and config.json (a fresh run refuses a folder holding a run unless --overwrite=true); `--init_from=resume` continues
+ckpt.pt with the same data, dropout masks and loss scale. `--wandb_project=NAME` mirrors the log to wandb.
 Reading order: the command line, the schedule, evaluation, then run(): the setup, then the loop in the order it runs.
 """
 import argparse
 import ast
 import dataclasses
 import difflib
+import fcntl
 import gc
 import json
 import math
@@ -72,16 +74,18 @@ def read_config_file(path):
     try:
         with open(path, encoding="utf-8") as f:
             body = ast.parse(f.read(), filename=path).body
-    except (OSError, SyntaxError, ValueError) as e:  # ValueError: not UTF-8, or a NUL byte
+    except (OSError, SyntaxError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or a NUL byte
         why = "it is not UTF-8 text, save it as UTF-8" if isinstance(e, UnicodeDecodeError) else e
         raise UsageError(f"cannot read config file {path}: {why}") from None
     flags = []
     for node in body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        try:
+        try:  # TypeError: an unhashable literal ({[1]: 2}); a chained `a = b = 1` would set only `a`
+            if len(node.targets) != 1:
+                raise ValueError
             flags.append(f"--{node.targets[0].id}={ast.literal_eval(node.value)}")
-        except (AttributeError, IndexError, ValueError):  # not `name = literal`
+        except (AttributeError, ValueError, TypeError, RecursionError):  # not `name = literal`
             raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file") from None
     return flags
 
@@ -183,6 +187,12 @@ def run(argv):
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     if cfg.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
+    if cfg.wandb_project:  # on every rank, so that all of them stop here when it is missing
+        try:
+            import wandb  # only when asked for
+        except ImportError:
+            raise UsageError("--wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") \
+                from None
     mps, cuda = torch.backends.mps.is_available(), torch.cuda.is_available()
     name = ("cuda" if cuda else "mps" if mps and world_size == 1 else "cpu") if cfg.device == "auto" else cfg.device
     if not cuda and name.startswith("cuda") or not mps and name == "mps":
@@ -250,25 +260,57 @@ def run(argv):
             say(f"notice: the schedule differs from the checkpoint's ({', '.join(changed)}); the learning rate "
                 f"follows the new one from step {ckpt['iter_num']} on")
 
-    # --- one run per out_dir: a lock file naming host and PID; a lock whose process is gone is taken over
-    lock, me = os.path.join(cfg.out_dir, "train.lock"), f"{socket.gethostname()} {os.getpid()}"
+    # --- one run per out_dir, and its record its own. The lock is the OS's (flock on an open file, dropped when the
+    # process dies, so no file left behind can block); host and PID are written only for the message. The global
+    # rank 0 alone decides; the other ranks learn its verdict, so that a refusal ends every rank with the same line.
+    lock_path, problem, lock, tracker = os.path.join(cfg.out_dir, "train.lock"), None, None, None
+    wandb_id = ckpt.get("wandb_id") if ckpt else None  # a resumed run continues its wandb run
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            host, _, pid = (open(lock).read() if os.path.exists(lock) else me).strip().partition(" ")
-            try:  # signal 0 only asks whether the process exists
-                alive = host != me.split()[0] or int(pid) != os.getpid() and os.kill(int(pid), 0) is None
-            except (ProcessLookupError, ValueError):
-                alive = False
-            if alive:
-                raise UsageError(f"{cfg.out_dir} is in use by another training run (process {pid} on {host}); wait "
-                                 f"for it, pick another --out_dir, or delete {lock} if that run is gone")
-            if os.path.exists(lock):
-                os.remove(lock)
-            with open(lock, "x") as f:  # exclusive: of two runs starting at once, one fails here
-                f.write(me + "\n")
+            lock = open(lock_path, "a+")  # never truncated before it is held: the holder's line stays readable
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "just starting"
+                problem = (f"{cfg.out_dir} is in use by another training run ({holder}); wait for it or pick "
+                           f"another --out_dir")
+            else:
+                lock.truncate(0)
+                lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                found = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
+                if cfg.init_from == "scratch" and found and not cfg.overwrite:
+                    problem = (f"{cfg.out_dir} already holds a run ({', '.join(found)}): continue it with "
+                               f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to delete it")
+                elif cfg.init_from == "scratch":  # nothing of an old run (or of its interrupted writes) survives
+                    for stale in ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "config.json"):
+                        if os.path.exists(os.path.join(cfg.out_dir, stale)):
+                            os.remove(os.path.join(cfg.out_dir, stale))
         except OSError as e:
-            raise UsageError(f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
+            problem = f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir"
+        if cfg.wandb_project and not problem:
+            try:
+                config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
+                          "world_size": world_size, "gradient_accumulation_steps": accum}
+                tracker = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=wandb_id,
+                                     resume="allow", config=config)
+                wandb_id = tracker.id
+            except Exception as e:  # no login, no network, a bad project name: wandb raises many kinds
+                problem = (f"wandb could not start a run ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): "
+                           f"run `wandb login`, set WANDB_MODE=offline, or drop --wandb_project")
+    if world_size > 1:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise UsageError(problem)
+
+    def log(record):  # every record goes to log.jsonl and, when asked for, to wandb at step `iter`
+        append_jsonl(log_path, record)
+        if tracker is not None:
+            tracker.log(record, step=record["iter"])
 
     # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -343,7 +385,7 @@ def run(argv):
                                          n_tokens=vocab)
                     val.update(log_record(scores), task_seconds=time.time() - t)
                 if master:
-                    append_jsonl(log_path, {"iter": it, **val})
+                    log({"iter": it, **val})
                     say(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 if it > 0 and skipped:
                     say(f"notice: no checkpoint at step {it}: the last {skipped} steps were skipped as non-finite")
@@ -355,7 +397,7 @@ def run(argv):
                     if master:
                         save_checkpoint(ckpt_path, {
                             **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "wandb_id": wandb_id,
                             "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
@@ -426,7 +468,7 @@ def run(argv):
                 if cuda:
                     record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if master:
-                    append_jsonl(log_path, record)
+                    log(record)
                 elapsed = time.time() - t0
                 tok_s = tokens_per_iter * timed_steps / elapsed
                 mfu = f" mfu {100 * flops['total'] * tok_s / (peak * world_size):.1f}%" if peak else ""
@@ -435,8 +477,10 @@ def run(argv):
                 say(f"{shown} lr {lr:.2e} norm {norm:.2f} {1000 * elapsed / timed_steps:.0f} ms/iter "
                     f"{tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
-    if master:
-        os.remove(lock)
+    if tracker is not None:
+        tracker.finish()
+    if lock is not None:
+        lock.close()  # releases the lock; the file stays, as unlinking a locked file would let two runs in
 
 
 def main(argv):
