@@ -15,6 +15,8 @@ import ast
 import dataclasses
 import difflib
 import gc
+import inspect
+import io
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 
 import numpy as np
@@ -85,14 +88,27 @@ def read_config_file(path):
     return flags
 
 
+def field_comments(cls):
+    """{field: the comment on its line} of a config dataclass in model.py: --help shows the text written there once."""
+    source = inspect.getsource(cls)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return {node.target.id: comments.get(node.end_lineno, "") for node in ast.parse(source).body[0].body
+            if isinstance(node, ast.AnnAssign)}
+
+
 def parse_args(argv):
     """-> (TrainConfig, dict of GPTConfig overrides): the config files in order, then the flags, which win."""
     fields = dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)
-    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                            usage="python train.py [config/file.py ...] [--key=value ...]")
     parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for f in fields:
-        parser.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
-                            metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
+    for cls, title in ((TrainConfig, "training (TrainConfig in model.py)"), (GPTConfig, "model (GPTConfig in model.py)")):
+        group, comments = parser.add_argument_group(title), field_comments(cls)
+        for f in dataclasses.fields(cls):  # argparse formats help with %, so a literal % is doubled
+            group.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
+                               metavar=type(f.default).__name__.upper(),
+                               help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
 
     def parse(args, source):  # -> {knob: value}; an unknown knob or a bad value is reported with where it came from
         try:
