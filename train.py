@@ -307,10 +307,14 @@ def run(argv):
             os.replace(log_path + ".tmp", log_path)
         del ckpt
     raw_model = model  # saved and evaluated for geometry: no _orig_mod. or module. prefixes
-    # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast.
+    # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast
+    # in forward (torch >= 2.13 names that forward_sync_buffers and warns about broadcast_buffers).
     model = torch.compile(model) if cfg.compile and not cfg.fsdp else model
-    train_model = model if world_size == 1 or cfg.fsdp else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if cuda else None, broadcast_buffers=False)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else "broadcast_buffers": False}
+    train_model = model if world_size == 1 or cfg.fsdp else DDP(model, device_ids=[local_rank] if cuda else None,
+                                                                 **no_buffer_sync)
 
     tokens_per_iter = per_micro * accum
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
