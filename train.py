@@ -20,28 +20,44 @@ import io
 import json
 import math
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
 import tokenize
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from tqdm import tqdm
 
-from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets
-from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,
-                   load_checkpoint, save_checkpoint)
-from nitp import effective_rank, mean_pairwise_cosine
+def stopped_while_starting(signum, frame):  # until main() installs its handler: a signal during the imports
+    print(f"stopped by {signal.Signals(signum).name} while starting, before anything was written", file=sys.stderr)
+    os._exit(128 + signum)  # at once: unwinding the import machinery would print its traceback
+
+
+if __name__ == "__main__":  # importing torch takes seconds, long enough for a Ctrl-C
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stopped_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm  # noqa: E402
+
+from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
+from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats,  # noqa: E402
+                   flops_per_token, load_checkpoint, save_checkpoint)
+from nitp import effective_rank, mean_pairwise_cosine  # noqa: E402
 
 
 class UsageError(Exception):
     """What the user asked for cannot work: one line, exit code 2."""
+
+
+class RankError(UsageError):
+    """Another rank's setup check failed; every rank ends with its line (exit 2)."""
 
 
 class NonFiniteLoss(Exception):
@@ -184,17 +200,93 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
+def matmul_flops(device, dtype):
+    """FLOP/s of a square matmul in the training dtype, best of 3: a rough ceiling on what training reaches here."""
+    n = 4096 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else None
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ a
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def duration(seconds):
+    for size, unit in ((86400, "days"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def check_fits(n_params, flops_per_step, cfg, device, dtype, world_size, say):
+    """Refuse a model whose weights, gradients and AdamW state (16 bytes a parameter) exceed this device's memory; say
+    when even the device's matmul speed makes a step take minutes or the run days (a 0.5B model on a CPU)."""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:  # the processes of one node share its memory
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = 16 * n_params / (world_size if cfg.fsdp else 1)
+    if need > memory:
+        raise UsageError(f"{n_params / 1e9:.2f}B parameters need at least {need / 2**30:.1f} GiB per process for "
+                         f"weights, gradients and AdamW state, more than this {device.type}'s {memory / 2**30:.1f} GiB: "
+                         "use a smaller model, --fsdp=true over more GPUs, or a bigger machine")
+    speed = matmul_flops(device, dtype)
+    step = flops_per_step / world_size / speed
+    if step > 60 or step * cfg.max_iters > 86400:
+        say(f"notice: at least {duration(step)} per step here ({speed / 1e12:.2f} TFLOP/s per {device.type} on a "
+            f"matmul), {duration(step * cfg.max_iters)} for max_iters={cfg.max_iters}: this config wants faster or "
+            "more devices, or a smaller config such as config/cpu_tiny.py; Ctrl-C stops it")
+
+
+def agree_on_setup(error):
+    """Gather every rank's setup error (None: its checks passed) and raise the first on all ranks, so that a check
+    one rank fails (a checkpoint or data missing on one node) ends every rank with that line, none left waiting."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error and (socket.gethostname(), str(error)))
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, (host, text) = failed[0]
+        raise RankError(f"rank {rank} on {host}: {text}")
+
+
+def resume_command(argv):
+    """The command line that resumes this run: the same arguments, --init_from=resume."""
+    args = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launch = (["python"] if "RANK" not in os.environ else ["torchrun", "--standalone", f"--nproc_per_node={local}"]
+              if local == int(os.environ["WORLD_SIZE"]) else ["torchrun", "(your --nnodes and --rdzv flags)"])
+    return " ".join(launch + [shlex.quote(a) for a in [os.path.relpath(__file__), *args]])
+
+
+@contextmanager
+def signals_deferred():
+    """A Ctrl-C or SIGTERM that arrives inside this block is handled when it ends."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:  # opened per record, so a crash loses nothing already logged
         f.write(json.dumps(record) + "\n")
 
 
 # --- the run
-def run(argv):
-    # --- setup: knobs, processes, device and precision (a dtype the device cannot do falls back to float32)
-    cfg, model_args = parse_args(argv)
+def run(argv, cleanup, progress):
+    """Train. `cleanup` (an ExitStack that main unwinds) takes what must be released however the run ends; `progress`
+    (main's) tells main at which step an interrupt stopped it, which step ckpt.pt holds, and whether the ranks agreed."""
+    # --- setup: processes first (so that the ranks can agree on any error below), knobs, device and precision
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
     world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
+    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1. Gloo carries CPU tensors and objects
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    cfg, model_args = parse_args(argv)
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     if cfg.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
@@ -217,8 +309,6 @@ def run(argv):
         dtype = "float32"
     ptdtype = getattr(torch, dtype)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
-    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
 
     # --- data, the model's shape, the batch
     train_data, val_data, meta, where = load_data(cfg.data_dir or os.path.join("data", cfg.dataset), cfg.train_shards,
@@ -236,6 +326,15 @@ def run(argv):
         raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
                          f"* world_size = {per_micro} tokens: make it one")
     accum = cfg.total_batch_size // per_micro or accum
+    tokens_per_iter, flops = per_micro * accum, flops_per_token(mcfg)
+    with torch.device("meta"):  # the parameter counts in milliseconds: the first line comes before any slow work
+        shape = GPT(mcfg)
+    say(f"{shape.num_params() / 1e6:.2f}M parameters ({shape.num_params(include_head=False) / 1e6:.2f}M at "
+        f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
+        f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
+        f"{100 * flops['nitp_share']:.2f}% of NTP; nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} "
+        f"nitp_loss={mcfg.nitp_loss}")
+    check_fits(shape.num_params(), flops["total"] * tokens_per_iter, cfg, device, ptdtype, world_size, say)
 
     # --- the checkpoint to resume: refuse one of another model shape; name any schedule knob that changed
     ckpt_path, log_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl"), None
@@ -243,6 +342,7 @@ def run(argv):
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
         ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num"))
+        progress["saved"] = ckpt["iter_num"]  # what an interrupt from here on can tell the user to resume from
         saved, old = ckpt["model_config"], ckpt.get("train_config", {})
         differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
                               for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
@@ -271,8 +371,19 @@ def run(argv):
                 os.remove(lock)
             with open(lock, "x") as f:  # exclusive: of two runs starting at once, one fails here
                 f.write(me + "\n")
+            cleanup.callback(os.remove, lock)  # released in main, however the run ends
         except OSError as e:
             raise UsageError(f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
+
+    # --- every rank passed its checks (or all stop with the failing rank's line); only then a model, and collectives
+    progress["agreed"] = True  # this rank takes part in the agreement now: main must not call it again
+    if world_size > 1:
+        agree_on_setup(None)
+    if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters:  # done: exit 0, so a requeued job does not fail
+        say(f"{ckpt_path} is already at max_iters={cfg.max_iters}: raise --max_iters to train on")
+        return
+    if ckpt is not None:
+        say(f"resuming {ckpt_path} at step {ckpt['iter_num']} of {cfg.max_iters}")
 
     # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -316,10 +427,8 @@ def run(argv):
     train_model = model if world_size == 1 or cfg.fsdp else DDP(model, device_ids=[local_rank] if cuda else None,
                                                                  **no_buffer_sync)
 
-    tokens_per_iter = per_micro * accum
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
     val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
-    flops = flops_per_token(mcfg)
     peak = cfg.peak_flops or (cuda and next(
         (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
     if master:
@@ -329,16 +438,12 @@ def run(argv):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git, "argv": argv}, f, indent=2)
-    say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M at "
-        f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
-        f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
-        f"{100 * flops['nitp_share']:.2f}% of NTP; nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} "
-        f"nitp_loss={mcfg.nitp_loss}")
 
     # --- the training loop: `it` counts optimizer steps taken; evaluation and checkpoint come first
     skipped, t0, timed_steps = 0, time.time(), 0  # skipped: non-finite steps in a row
     with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
         for it in range(start_iter, cfg.max_iters + 1):
+            progress["step"] = it
             if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
                 # Under FSDP every forward is a collective: each rank evaluates every batch (and the geometry).
                 val = evaluate(model, val_data, val_windows, mcfg.block_size, ctx, device,
@@ -355,11 +460,13 @@ def run(argv):
                     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
                     state = {"model": get_model_state_dict(raw_model, options=options),
                              "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=options)}
-                    if master:
-                        save_checkpoint(ckpt_path, {
-                            **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
-                            "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                    with signals_deferred():  # a stop waits for the file to be whole, then says it holds this step
+                        if master:
+                            save_checkpoint(ckpt_path, {
+                                **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
+                                "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                                "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                        progress["saved"] = it
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
                 break
@@ -438,27 +545,63 @@ def run(argv):
                 say(f"{shown} lr {lr:.2e} norm {norm:.2f} {1000 * elapsed / timed_steps:.0f} ms/iter "
                     f"{tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
-    if master:
-        os.remove(lock)
+
+
+def ignore_stop_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def main(argv):
-    """Run, and turn the expected failures into one line and an exit code (2 bad input, 3 non-finite)."""
-    code = 0
+    """Run, and end every way with one line and an exit code: 0 done, 2 bad input (on any rank), 3 non-finite,
+    128 + the signal when stopped (130 Ctrl-C, 143 SIGTERM from a scheduler or torchrun)."""
+    code, stopped, progress = None, [], {"step": None, "saved": 0, "agreed": False}
+    one_line = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one line per node, however many processes it runs
+
+    def stop(signum, frame):
+        ignore_stop_signals()  # the SIGTERM that torchrun sends after a Ctrl-C must not cut the cleanup short
+        stopped.append(signum)
+        raise KeyboardInterrupt
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(argv)
+        with ExitStack() as cleanup:  # the lock's release, however the run ends
+            try:
+                run(argv, cleanup, progress)
+                code = 0
+            finally:  # the outcome is known: a late signal (torchrun stopping the other ranks) must not change it
+                ignore_stop_signals()
     except (UsageError, DatasetError, CheckpointError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
-    if dist.is_initialized():
-        # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its last async
-        # work in reference cycles that outlive run(), and gloo's threads must not meet interpreter finalization.
-        gc.collect()
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized() and not progress["agreed"]:  # the other ranks wait for this one's verdict
+            try:
+                agree_on_setup(e)
+            except RankError as first:
+                e = first
+        if one_line:
+            print(f"error: {e}", file=sys.stderr)
+    except BaseException:  # an interrupt, or what it caused once one came (a peer's closed connection)
+        if not stopped:
+            raise
+        code, step, saved = 128 + stopped[0], progress["step"], progress["saved"]
+        where = "during setup" if step is None else f"at step {step}"
+        kept = (f"{os.path.join(parse_args(argv)[0].out_dir, 'ckpt.pt')} holds step {saved}; resume with: "
+                f"{resume_command(argv)}" if saved else "nothing saved yet; start again with the same command")
+        if one_line:
+            print(f"stopped by {signal.Signals(stopped[0]).name} {where}; {kept}", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its last
+            # async work in reference cycles that outlive run(), and gloo's threads must not meet interpreter finalization.
+            gc.collect()
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return code
 
 
 if __name__ == "__main__":
+    ignore_stop_signals()  # main() handles them while it runs; once it returns, a late one must not change the exit code
+    sys.stdout.reconfigure(line_buffering=True)  # a log file or a scheduler's output file gets each line when it is said
     sys.exit(main(sys.argv[1:]))
