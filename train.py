@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
@@ -119,8 +120,8 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                             usage="python train.py [config/file.py ...] [--key=value ...]")
     parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for cls, title in ((TrainConfig, "training (TrainConfig in model.py)"), (GPTConfig, "model (GPTConfig in model.py)")):
-        group, comments = parser.add_argument_group(title), field_comments(cls)
+    for cls, title in ((TrainConfig, "training"), (GPTConfig, "model")):
+        group, comments = parser.add_argument_group(f"{title} ({cls.__name__} in model.py)"), field_comments(cls)
         for f in dataclasses.fields(cls):  # argparse formats help with %, so a literal % is doubled
             group.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
                                metavar=type(f.default).__name__.upper(),
@@ -201,18 +202,12 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
 
 
 def matmul_flops(device, dtype):
-    """FLOP/s of a square matmul in the training dtype, best of 3: a rough ceiling on what training reaches here."""
+    """FLOP/s of a square matmul in the training dtype, on all threads: a rough ceiling on what training reaches.
+    Timer synchronizes an accelerator around what it times."""
     n = 4096 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else None
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ a
-        if sync:
-            sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    timer = Timer("a @ a", globals={"a": torch.randn(n, n, device=device, dtype=dtype)},
+                  num_threads=torch.get_num_threads())
+    return 2 * n ** 3 / timer.timeit(3).median
 
 
 def duration(seconds):
@@ -232,8 +227,8 @@ def check_fits(n_params, flops_per_step, cfg, device, dtype, world_size, say):
     need = 16 * n_params / (world_size if cfg.fsdp else 1)
     if need > memory:
         raise UsageError(f"{n_params / 1e9:.2f}B parameters need at least {need / 2**30:.1f} GiB per process for "
-                         f"weights, gradients and AdamW state, more than this {device.type}'s {memory / 2**30:.1f} GiB: "
-                         "use a smaller model, --fsdp=true over more GPUs, or a bigger machine")
+                         f"weights, gradients and AdamW state, more than this {device.type}'s {memory / 2**30:.1f} "
+                         "GiB: use a smaller model, --fsdp=true over more GPUs, or a bigger machine")
     speed = matmul_flops(device, dtype)
     step = flops_per_step / world_size / speed
     if step > 60 or step * cfg.max_iters > 86400:
@@ -279,8 +274,8 @@ def append_jsonl(path, record):
 
 # --- the run
 def run(argv, cleanup, progress):
-    """Train. `cleanup` (an ExitStack that main unwinds) takes what must be released however the run ends; `progress`
-    (main's) tells main at which step an interrupt stopped it, which step ckpt.pt holds, and whether the ranks agreed."""
+    """Train. `cleanup` (an ExitStack that main unwinds) takes what must be released however the run ends;
+    `progress` (main's) tells main the step an interrupt stopped at, the step ckpt.pt holds, whether ranks agreed."""
     # --- setup: processes first (so that the ranks can agree on any error below), knobs, device and precision
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
     world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
@@ -590,8 +585,9 @@ def main(argv):
             print(f"stopped by {signal.Signals(stopped[0]).name} {where}; {kept}", file=sys.stderr)
     finally:
         if dist.is_initialized():
-            # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its last
-            # async work in reference cycles that outlive run(), and gloo's threads must not meet interpreter finalization.
+            # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its
+            # last async work in reference cycles that outlive run(), and gloo's threads must not meet interpreter
+            # finalization.
             gc.collect()
             if code == 0:
                 dist.barrier()
@@ -602,6 +598,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    ignore_stop_signals()  # main() handles them while it runs; once it returns, a late one must not change the exit code
-    sys.stdout.reconfigure(line_buffering=True)  # a log file or a scheduler's output file gets each line when it is said
+    ignore_stop_signals()  # main() handles them while it runs; after it, a late one must not change the exit code
+    sys.stdout.reconfigure(line_buffering=True)  # a log file or a scheduler's output file gets each line at once
     sys.exit(main(sys.argv[1:]))

@@ -78,7 +78,8 @@ def test_ctrl_c_and_sigterm_say_where_they_stopped_and_the_resume_command_contin
     line, = said(stderr)
     step, saved, command = re.fullmatch(rf"stopped by SIGINT at step (\d+); {out}/ckpt.pt holds step (\d+); "
                                         r"resume with: (python .*)", line).groups()
-    assert int(saved) == load_checkpoint(str(out / "ckpt.pt"))["iter_num"] <= int(step) and int(saved) in evaluations(out)
+    assert int(saved) == load_checkpoint(str(out / "ckpt.pt"))["iter_num"] <= int(step)
+    assert int(saved) in evaluations(out)
     assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.jsonl"]  # no lock, no half-written file
 
     resumed = start(*shlex.split(command)[1:])  # as printed, with this interpreter
@@ -119,7 +120,8 @@ def test_a_config_too_big_for_a_cpu_says_so_first_and_ctrl_c_in_setup_leaves_not
     with torch.device("meta"):  # the dataset's 60 ids padded to 64
         params = GPT(GPTConfig(**train.parse_args([str(ROOT / "config/dense_0.5b.py")])[1], vocab_size=64))
     assert first.startswith(f"{params.num_params() / 1e6:.2f}M parameters") and "on 1 x cpu" in first
-    assert re.match(r"notice: at least [\d.]+ (s|min|h|days) per step here .* for max_iters=20000: this config wants", notice)
+    assert re.match(r"notice: at least [\d.]+ (s|min|h|days) per step here .* for max_iters=20000: this config "
+                    "wants", notice)
     assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert re.fullmatch(r"stopped by SIGINT (during setup|at step 0); nothing saved yet; start again with the same "
                         "command", said(stderr)[0]) and len(said(stderr)) == 1
