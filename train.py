@@ -17,31 +17,51 @@ import dataclasses
 import difflib
 import fcntl
 import gc
+import inspect
+import io
 import json
 import math
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+import tokenize
+from contextlib import ExitStack, contextmanager, nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from tqdm import tqdm
 
-from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets
-from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,
-                   load_checkpoint, save_checkpoint)
-from nitp import effective_rank, mean_pairwise_cosine
-from tasks import TaskError, load_tasks, log_record, score_tasks
+def stopped_while_starting(signum, frame):  # until main() installs its handler: a signal during the imports
+    print(f"stopped by {signal.Signals(signum).name} while starting, before anything was written", file=sys.stderr)
+    os._exit(128 + signum)  # at once: unwinding the import machinery would print its traceback
+
+
+if __name__ == "__main__":  # importing torch takes seconds, long enough for a Ctrl-C
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stopped_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.utils.benchmark import Timer  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
+from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats,  # noqa: E402
+                   flops_per_token, load_checkpoint, save_checkpoint)
+from nitp import effective_rank, mean_pairwise_cosine  # noqa: E402
+from tasks import TaskError, load_tasks, log_record, score_tasks  # noqa: E402
 
 
 class UsageError(Exception):
     """What the user asked for cannot work: one line, exit code 2."""
+
+
+class RankError(UsageError):
+    """Another rank's setup check failed; every rank ends with its line (exit 2)."""
 
 
 class NonFiniteLoss(Exception):
@@ -90,14 +110,27 @@ def read_config_file(path):
     return flags
 
 
+def field_comments(cls):
+    """{field: the comment on its line} of a config dataclass in model.py: --help shows the text written there once."""
+    source = inspect.getsource(cls)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return {node.target.id: comments.get(node.end_lineno, "") for node in ast.parse(source).body[0].body
+            if isinstance(node, ast.AnnAssign)}
+
+
 def parse_args(argv):
     """-> (TrainConfig, dict of GPTConfig overrides): the config files in order, then the flags, which win."""
     fields = dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)
-    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                            usage="python train.py [config/file.py ...] [--key=value ...]")
     parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for f in fields:
-        parser.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
-                            metavar=type(f.default).__name__.upper(), help=f"default {f.default!r}")
+    for cls, title in ((TrainConfig, "training"), (GPTConfig, "model")):
+        group, comments = parser.add_argument_group(f"{title} ({cls.__name__} in model.py)"), field_comments(cls)
+        for f in dataclasses.fields(cls):  # argparse formats help with %, so a literal % is doubled
+            group.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
+                               metavar=type(f.default).__name__.upper(),
+                               help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
 
     def parse(args, source):  # -> {knob: value}; an unknown knob or a bad value is reported with where it came from
         try:
@@ -173,17 +206,87 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
 
 
+def matmul_flops(device, dtype):
+    """FLOP/s of a square matmul in the training dtype, on all threads: a rough ceiling on what training reaches.
+    Timer synchronizes an accelerator around what it times."""
+    n = 4096 if device.type == "cuda" else 512
+    timer = Timer("a @ a", globals={"a": torch.randn(n, n, device=device, dtype=dtype)},
+                  num_threads=torch.get_num_threads())
+    return 2 * n ** 3 / timer.timeit(3).median
+
+
+def duration(seconds):
+    for size, unit in ((86400, "days"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def check_fits(n_params, flops_per_step, cfg, device, dtype, world_size, say):
+    """Refuse a model whose weights, gradients and AdamW state (16 bytes a parameter) exceed this device's memory; say
+    when even the device's matmul speed makes a step take minutes or the run days (a 0.5B model on a CPU)."""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:  # the processes of one node share its memory
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = 16 * n_params / (world_size if cfg.fsdp else 1)
+    if need > memory:
+        raise UsageError(f"{n_params / 1e9:.2f}B parameters need at least {need / 2**30:.1f} GiB per process for "
+                         f"weights, gradients and AdamW state, more than this {device.type}'s {memory / 2**30:.1f} "
+                         "GiB: use a smaller model, --fsdp=true over more GPUs, or a bigger machine")
+    speed = matmul_flops(device, dtype)
+    step = flops_per_step / world_size / speed
+    if step > 60 or step * cfg.max_iters > 86400:
+        say(f"notice: at least {duration(step)} per step here ({speed / 1e12:.2f} TFLOP/s per {device.type} on a "
+            f"matmul), {duration(step * cfg.max_iters)} for max_iters={cfg.max_iters}: this config wants faster or "
+            "more devices, or a smaller config such as config/cpu_tiny.py; Ctrl-C stops it")
+
+
+def agree_on_setup(error):
+    """Gather every rank's setup error (None: its checks passed) and raise the first on all ranks, so that a check
+    one rank fails (a checkpoint or data missing on one node) ends every rank with that line, none left waiting."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error and (socket.gethostname(), str(error)))
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, (host, text) = failed[0]
+        raise RankError(f"rank {rank} on {host}: {text}")
+
+
+def resume_command(argv):
+    """The command line that resumes this run: the same arguments, --init_from=resume."""
+    args = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launch = (["python"] if "RANK" not in os.environ else ["torchrun", "--standalone", f"--nproc_per_node={local}"]
+              if local == int(os.environ["WORLD_SIZE"]) else ["torchrun", "(your --nnodes and --rdzv flags)"])
+    return " ".join(launch + [shlex.quote(a) for a in [os.path.relpath(__file__), *args]])
+
+
+@contextmanager
+def signals_deferred():
+    """A Ctrl-C or SIGTERM that arrives inside this block is handled when it ends."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:  # opened per record, so a crash loses nothing already logged
         f.write(json.dumps(record) + "\n")
 
 
 # --- the run
-def run(argv):
-    # --- setup: knobs, processes, device and precision (a dtype the device cannot do falls back to float32)
-    cfg, model_args = parse_args(argv)
+def run(argv, cleanup, progress):
+    """Train. `cleanup` (an ExitStack that main unwinds) takes what must be released however the run ends;
+    `progress` (main's) tells main the step an interrupt stopped at, the step ckpt.pt holds, whether ranks agreed."""
+    # --- setup: processes first (so that the ranks can agree on any error below), knobs, device and precision
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
     world_size, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
+    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1. Gloo carries CPU tensors and objects
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    cfg, model_args = parse_args(argv)
     say = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     if cfg.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp=true shards over torchrun's processes: run `torchrun --nproc_per_node=N train.py ...`")
@@ -212,8 +315,6 @@ def run(argv):
         dtype = "float32"
     ptdtype = getattr(torch, dtype)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
-    if "RANK" in os.environ:  # torchrun; a plain `python` run is rank 0 of 1
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
 
     # --- data, the model's shape, the batch
     train_data, val_data, meta, where = load_data(cfg.data_dir or os.path.join("data", cfg.dataset), cfg.train_shards,
@@ -231,6 +332,15 @@ def run(argv):
         raise UsageError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size "
                          f"* world_size = {per_micro} tokens: make it one")
     accum = cfg.total_batch_size // per_micro or accum
+    tokens_per_iter, flops = per_micro * accum, flops_per_token(mcfg)
+    with torch.device("meta"):  # the parameter counts in milliseconds: the first line comes before any slow work
+        shape = GPT(mcfg)
+    say(f"{shape.num_params() / 1e6:.2f}M parameters ({shape.num_params(include_head=False) / 1e6:.2f}M at "
+        f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
+        f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
+        f"{100 * flops['nitp_share']:.2f}% of NTP; nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} "
+        f"nitp_loss={mcfg.nitp_loss}")
+    check_fits(shape.num_params(), flops["total"] * tokens_per_iter, cfg, device, ptdtype, world_size, say)
     tasks = []  # downstream tasks, tokenised once; a text task needs the dataset's tokenizer
     if cfg.eval_tasks:
         from prepare_data import PrepareError, get_tokenizer
@@ -249,6 +359,7 @@ def run(argv):
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
         ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num"))
+        progress["saved"] = ckpt["iter_num"]  # what an interrupt from here on can tell the user to resume from
         saved, old = ckpt["model_config"], ckpt.get("train_config", {})
         differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
                               for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
@@ -262,35 +373,34 @@ def run(argv):
 
     # --- one run per out_dir, and its record its own. The lock is the OS's (flock on an open file, dropped when the
     # process dies, so no file left behind can block); host and PID are written only for the message. The global
-    # rank 0 alone decides; the other ranks learn its verdict, so that a refusal ends every rank with the same line.
-    lock_path, problem, lock, tracker = os.path.join(cfg.out_dir, "train.lock"), None, None, None
+    # rank 0 alone decides; a refusal reaches every rank through agree_on_setup below.
+    lock_path, tracker = os.path.join(cfg.out_dir, "train.lock"), None
     wandb_id = ckpt.get("wandb_id") if ckpt else None  # a resumed run continues its wandb run
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            lock = open(lock_path, "a+")  # never truncated before it is held: the holder's line stays readable
+            lock = cleanup.enter_context(open(lock_path, "a+"))  # closed (so released) however the run ends
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                lock.seek(0)
+                lock.seek(0)  # the file is never truncated before it is held: the holder's line stays readable
                 holder = lock.read().strip() or "just starting"
-                problem = (f"{cfg.out_dir} is in use by another training run ({holder}); wait for it or pick "
-                           f"another --out_dir")
-            else:
-                lock.truncate(0)
-                lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-                lock.flush()
-                found = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
-                if cfg.init_from == "scratch" and found and not cfg.overwrite:
-                    problem = (f"{cfg.out_dir} already holds a run ({', '.join(found)}): continue it with "
-                               f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to delete it")
-                elif cfg.init_from == "scratch":  # nothing of an old run (or of its interrupted writes) survives
-                    for stale in ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "config.json"):
-                        if os.path.exists(os.path.join(cfg.out_dir, stale)):
-                            os.remove(os.path.join(cfg.out_dir, stale))
+                raise UsageError(f"{cfg.out_dir} is in use by another training run ({holder}); wait for it or pick "
+                                 f"another --out_dir") from None
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+            found = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
+            if cfg.init_from == "scratch" and found and not cfg.overwrite:
+                raise UsageError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): continue it with "
+                                 f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to delete it")
+            if cfg.init_from == "scratch":  # nothing of an old run (or of its interrupted writes) survives
+                for stale in ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "config.json"):
+                    if os.path.exists(os.path.join(cfg.out_dir, stale)):
+                        os.remove(os.path.join(cfg.out_dir, stale))
         except OSError as e:
-            problem = f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir"
-        if cfg.wandb_project and not problem:
+            raise UsageError(f"cannot use out_dir {cfg.out_dir}: {e.strerror or e}; pick a writable --out_dir") from None
+        if cfg.wandb_project:
             try:
                 config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
                           "world_size": world_size, "gradient_accumulation_steps": accum}
@@ -298,19 +408,25 @@ def run(argv):
                                      resume="allow", config=config)
                 wandb_id = tracker.id
             except Exception as e:  # no login, no network, a bad project name: wandb raises many kinds
-                problem = (f"wandb could not start a run ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): "
-                           f"run `wandb login`, set WANDB_MODE=offline, or drop --wandb_project")
-    if world_size > 1:
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        problem = verdict[0]
-    if problem:
-        raise UsageError(problem)
+                raise UsageError(f"wandb could not start a run ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0]}): run `wandb login`, set WANDB_MODE=offline, "
+                                 "or drop --wandb_project") from None
+            cleanup.callback(tracker.finish)
 
     def log(record):  # every record goes to log.jsonl and, when asked for, to wandb at step `iter`
         append_jsonl(log_path, record)
         if tracker is not None:
             tracker.log(record, step=record["iter"])
+
+    # --- every rank passed its checks (or all stop with the failing rank's line); only then a model, and collectives
+    progress["agreed"] = True  # this rank takes part in the agreement now: main must not call it again
+    if world_size > 1:
+        agree_on_setup(None)
+    if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters:  # done: exit 0, so a requeued job does not fail
+        say(f"{ckpt_path} is already at max_iters={cfg.max_iters}: raise --max_iters to train on")
+        return
+    if ckpt is not None:
+        say(f"resuming {ckpt_path} at step {ckpt['iter_num']} of {cfg.max_iters}")
 
     # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -345,15 +461,17 @@ def run(argv):
             os.replace(log_path + ".tmp", log_path)
         del ckpt
     raw_model = model  # saved and evaluated for geometry: no _orig_mod. or module. prefixes
-    # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast.
+    # Compile first, then wrap in DDP; the RoPE tables are buffers every rank computes itself: nothing to broadcast
+    # in forward (torch >= 2.13 names that forward_sync_buffers and warns about broadcast_buffers).
     model = torch.compile(model) if cfg.compile and not cfg.fsdp else model
-    train_model = model if world_size == 1 or cfg.fsdp else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if cuda else None, broadcast_buffers=False)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else "broadcast_buffers": False}
+    train_model = model if world_size == 1 or cfg.fsdp else DDP(model, device_ids=[local_rank] if cuda else None,
+                                                                 **no_buffer_sync)
 
-    tokens_per_iter = per_micro * accum
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
     val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
-    flops = flops_per_token(mcfg)
     peak = cfg.peak_flops or (cuda and next(
         (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
     if master:
@@ -363,16 +481,12 @@ def run(argv):
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
                        "torch": torch.__version__, "git": git, "argv": argv}, f, indent=2)
-    say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M at "
-        f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
-        f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
-        f"{100 * flops['nitp_share']:.2f}% of NTP; nitp_layer={mcfg.nitp_layer} nitp_weight={mcfg.nitp_weight} "
-        f"nitp_loss={mcfg.nitp_loss}")
 
     # --- the training loop: `it` counts optimizer steps taken; evaluation and checkpoint come first
     skipped, t0, timed_steps = 0, time.time(), 0  # skipped: non-finite steps in a row
     with tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, mininterval=1.0) as bar:
         for it in range(start_iter, cfg.max_iters + 1):
+            progress["step"] = it
             if it == 0 or (it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters)):
                 # Under FSDP every forward is a collective: each rank evaluates every batch (and the geometry).
                 val = evaluate(model, val_data, val_windows, mcfg.block_size, ctx, device,
@@ -394,11 +508,13 @@ def run(argv):
                     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
                     state = {"model": get_model_state_dict(raw_model, options=options),
                              "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=options)}
-                    if master:
-                        save_checkpoint(ckpt_path, {
-                            **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                            "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "wandb_id": wandb_id,
-                            "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                    with signals_deferred():  # a stop waits for the file to be whole, then says it holds this step
+                        if master:
+                            save_checkpoint(ckpt_path, {
+                                **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
+                                "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "wandb_id": wandb_id,
+                                "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                        progress["saved"] = it
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
                 break
@@ -477,29 +593,64 @@ def run(argv):
                 say(f"{shown} lr {lr:.2e} norm {norm:.2f} {1000 * elapsed / timed_steps:.0f} ms/iter "
                     f"{tok_s:,.0f} tok/s{mfu}")
                 t0, timed_steps = time.time(), 0
-    if tracker is not None:
-        tracker.finish()
-    if lock is not None:
-        lock.close()  # releases the lock; the file stays, as unlinking a locked file would let two runs in
+
+
+def ignore_stop_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def main(argv):
-    """Run, and turn the expected failures into one line and an exit code (2 bad input, 3 non-finite)."""
-    code = 0
+    """Run, and end every way with one line and an exit code: 0 done, 2 bad input (on any rank), 3 non-finite,
+    128 + the signal when stopped (130 Ctrl-C, 143 SIGTERM from a scheduler or torchrun)."""
+    code, stopped, progress = None, [], {"step": None, "saved": 0, "agreed": False}
+    one_line = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one line per node, however many processes it runs
+
+    def stop(signum, frame):
+        ignore_stop_signals()  # the SIGTERM that torchrun sends after a Ctrl-C must not cut the cleanup short
+        stopped.append(signum)
+        raise KeyboardInterrupt
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(argv)
+        with ExitStack() as cleanup:  # the lock's release, however the run ends
+            try:
+                run(argv, cleanup, progress)
+                code = 0
+            finally:  # the outcome is known: a late signal (torchrun stopping the other ranks) must not change it
+                ignore_stop_signals()
     except (UsageError, DatasetError, CheckpointError, NonFiniteLoss, TaskError) as e:
-        print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
-    if dist.is_initialized():
-        # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its last async
-        # work in reference cycles that outlive run(), and gloo's threads must not meet interpreter finalization.
-        gc.collect()
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized() and not progress["agreed"]:  # the other ranks wait for this one's verdict
+            try:
+                agree_on_setup(e)
+            except RankError as first:
+                e = first
+        if one_line:
+            print(f"error: {e}", file=sys.stderr)
+    except BaseException:  # an interrupt, or what it caused once one came (a peer's closed connection)
+        if not stopped:
+            raise
+        code, step, saved = 128 + stopped[0], progress["step"], progress["saved"]
+        where = "during setup" if step is None else f"at step {step}"
+        kept = (f"{os.path.join(parse_args(argv)[0].out_dir, 'ckpt.pt')} holds step {saved}; resume with: "
+                f"{resume_command(argv)}" if saved else "nothing saved yet; start again with the same command")
+        if one_line:
+            print(f"stopped by {signal.Signals(stopped[0]).name} {where}; {kept}", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            # In this order, or a rank can die at exit with SIGABRT: the DDP/FSDP objects hold the group and its
+            # last async work in reference cycles that outlive run(), and gloo's threads must not meet interpreter
+            # finalization.
+            gc.collect()
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return code
 
 
 if __name__ == "__main__":
+    ignore_stop_signals()  # main() handles them while it runs; after it, a late one must not change the exit code
+    sys.stdout.reconfigure(line_buffering=True)  # a log file or a scheduler's output file gets each line at once
     sys.exit(main(sys.argv[1:]))

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -148,7 +149,9 @@ def test_a_refusal_ends_every_rank_with_its_line(data_dir, tmp_path):
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "train.py", *TINY,
                         f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("error: ") >= 2 and result.stderr.count("already holds a run") >= 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(r"error: rank 0 on .*: .*/out already holds a run", errors[0]), result.stderr
+    assert 'train.py", line' not in result.stderr  # both ranks ended with that line, neither with a traceback
 
 
 # ------------------------------------------------------------------------------------------------
