@@ -172,7 +172,7 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)  # always `mlp`: one layout
         self.dropout = config.dropout
-        self.checkpoint = False  # recompute this block in backward instead of keeping its activations (train.py sets it)
+        self.checkpoint = False  # recompute the block in backward instead of keeping activations (train.py sets it)
 
     def forward(self, x, cos, sin):
         if self.checkpoint and torch.is_grad_enabled():
@@ -209,11 +209,14 @@ def cross_entropy_chunks(h, weight, targets, chunk, grads):
         logp = logits.to(loss.dtype).log_softmax(dim=-1)  # (n, V), at least fp32 like the plain path
         loss = loss + (-logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
         if grads:  # d loss / d logits = (softmax - onehot(target)) / n_valid on the positions not ignored
-            g = logp.exp_()
+            g = logp.exp_()  # in place: no second (n, V) tensor
             g[torch.arange(len(tc), device=g.device), tc] -= 1
-            g = (g * (vc * scale)[:, None]).to(logits.dtype)  # (n, V); backward of .float() rounds it back
+            g = g.mul_((vc * scale)[:, None]).to(logits.dtype)  # (n, V); as the backward of .float() rounds it
             grad_h[i:i + chunk] = g @ weight.to(g.dtype)  # (n, C)
-            grad_w += (g.t() @ hc.to(g.dtype)).to(grad_w.dtype)  # (V, C), summed in fp32 over chunks
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)  # (V, C), accumulated without a (V, C) temporary
+            else:  # bf16 matmul under autocast, summed in fp32 over chunks
+                grad_w += (g.t() @ hc.to(g.dtype)).to(grad_w.dtype)
     return loss * scale, grad_h, grad_w
 
 
@@ -402,7 +405,7 @@ class TrainConfig:
     seed: int = 1337  # weights, data order and dropout; >= 0
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
     peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS (bf16/fp16 runs only)
-    activation_checkpointing: bool = False  # recompute each block in backward: less activation memory, ~1/3 more compute
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more block compute
     nitp_start_iter: int = 0  # NITP weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):  # every number finite and in range, every choice one of its values
