@@ -106,6 +106,23 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(kw):
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads))
 
 
+def test_compiled_model_with_checkpointing_and_the_chunked_loss_equals_eager():
+    """aot_eager traces forward and backward as torch.compile does (inductor's code generation aside), with
+    fullgraph=True: the chunked loss and the checkpointed blocks compile without a graph break."""
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config())
+    idx = torch.randint(0, 200, (2, 16))
+    _, eager = gpt(idx, idx)
+    eager_grads = torch.autograd.grad(eager["total"], list(gpt.parameters()))
+    for block in gpt.transformer.h:
+        block.checkpoint = True
+    torch._dynamo.reset()
+    _, comp = torch.compile(gpt, backend="aot_eager", fullgraph=True)(idx, idx)
+    assert all(torch.allclose(comp[k], eager[k], rtol=1e-6, atol=0) for k in eager)
+    for got, want in zip(torch.autograd.grad(comp["total"], list(gpt.parameters())), eager_grads):
+        assert rel_err(got, want) < 1e-5
+
+
 def test_training_with_activation_checkpointing_logs_the_same_run(tmp_path):
     from conftest import make_dataset
     data = make_dataset(tmp_path / "data")
