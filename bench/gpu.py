@@ -533,7 +533,7 @@ def settings(args):
                           e2e_train_tokens=200_000, e2e_layers=2, e2e_embd=64, e2e_heads=4, e2e_block=64,
                           e2e_batch=8, e2e_iters=20, e2e_resume_iters=30, e2e_eval_interval=10,
                           e2e_log_interval=5, e2e_timeout=90.0,
-                          mem_shapes=["vocab152k"], mem_batch=1, mem_block=16, mem_steps=1, mem_timeout=120.0)
+                          mem_shapes=["tiny"], mem_batch=1, mem_block=16, mem_steps=1, mem_timeout=120.0)
     if args.compile is not None:
         s.compile = args.compile
     return s

@@ -7,7 +7,8 @@ the chunked one (model.linear_cross_entropy), and with activation checkpointing,
     python -m bench.memory --device=cuda --shapes=gpt2_124m,vocab152k --batch_size=16
 
 Shapes: `vocab152k` is 2 layers x 256 with the paper's vocabulary of 152,064 (issue 22's measurement),
-`gpt2_124m` is config/gpt2_124m.py's model (vocabulary 50,304). Each measurement runs in a fresh subprocess,
+`gpt2_124m` is config/gpt2_124m.py's model (vocabulary 50,304), `tiny` 2 x 32 with 512 tokens (bench/gpu.py's
+smoke path: it checks that the measurements run, its figures mean nothing). Each measurement runs in a fresh subprocess,
 so that one's allocations cannot hide another's: on the CPU the figure is the process's peak resident set
 (ru_maxrss, everything: weights, AdamW state, the allocator's slack), on CUDA torch.cuda.max_memory_allocated.
 `loss` is the forward and backward of the loss alone from random final states (N tokens x d), its peak above the
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import model
 from model import GPT, GPTConfig
 
-SHAPES = ("vocab152k", "gpt2_124m")
+SHAPES = ("vocab152k", "gpt2_124m", "tiny")
 VARIANTS = ("plain", "chunked", "chunked+ckpt")  # the loss path, and activation checkpointing on top
 
 
@@ -36,8 +37,10 @@ def plain_cross_entropy(h, weight, targets, chunk):
 
 
 def shape_config(shape, block_size):
-    if shape == "vocab152k":
-        return GPTConfig(n_layer=2, n_embd=256, n_head=4, vocab_size=152064, block_size=block_size)
+    if shape in ("vocab152k", "tiny"):
+        big = shape == "vocab152k"
+        return GPTConfig(n_layer=2, n_embd=256 if big else 32, n_head=4, vocab_size=152064 if big else 512,
+                         block_size=block_size)
     from train import parse_args  # the preset read as train.py reads it; GPT-2's vocabulary as its shards give it
     model_args = parse_args([f"config/{shape}.py"])[1]
     return GPTConfig(**{"vocab_size": 50304, **model_args, "block_size": block_size})
