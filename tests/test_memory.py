@@ -233,6 +233,18 @@ def test_fsdp_with_activation_checkpointing_and_resume_equals_fsdp_without(tmp_p
         assert all(x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-7) for k in x if k not in drop), (x, y)
 
 
+def test_ddp_with_activation_checkpointing_logs_the_same_run(tmp_path):
+    from conftest import make_dataset
+    data = make_dataset(tmp_path / "data")
+    common = [f"--data_dir={data}", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2",
+              "--dropout=0.1"]
+    torchrun(*common, f"--out_dir={tmp_path / 'plain'}")
+    torchrun(*common, f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=true")
+    drop = ("ms", "tok_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in sum(read_log(tmp_path / "plain"), [])] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in sum(read_log(tmp_path / "ckpt"), [])]
+
+
 def test_checkpoints_load_memory_mapped(tmp_path):
     """Every rank reads the checkpoint on resume: mapped, the ranks of a node share its pages in the page cache."""
     path = str(tmp_path / "ckpt.pt")
