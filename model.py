@@ -174,14 +174,78 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.n_embd, config.mlp_hidden)  # always `mlp`: one layout
         self.dropout = config.dropout
+        self.checkpoint = False  # recompute the block in backward instead of keeping activations (train.py sets it)
 
     def forward(self, x, cos, sin):
+        if self.checkpoint and torch.is_grad_enabled():
+            # Non-reentrant: works under compile, DDP and FSDP2. Called inside the block's FSDP hooks, so the
+            # recomputation reuses the weights FSDP gathered for backward; dropout masks are replayed (RNG state saved).
+            return torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, use_reentrant=False)
+        return self.layer(x, cos, sin)
+
+    def layer(self, x, cos, sin):
         """-> (x, moe_stats): the new residual stream (B, T, C), and an MoE block's (balance loss,
         expert counts) or None. Returned, not kept as module state or appended to an argument, so
         that compiled, DDP and FSDP models (FSDP rebuilds argument lists) all pass them through."""
         x = x + self.attn(self.ln_1(x), cos, sin)
         y, stats = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
         return x + F.dropout(y, p=self.dropout, training=self.training), stats
+
+
+# Logits per chunk of the loss: 2**27 fp32 values (512 MB), 882 positions at the paper's vocabulary of 152,064;
+# smaller chunks made the CPU loss slower (1.4x plain at 220 positions, 1.16x at 441, 1.04x at 882).
+CE_CHUNK_LOGITS = 2 ** 27
+
+
+def cross_entropy_chunks(h, weight, targets, chunk, grads):
+    """-> (mean cross-entropy of h @ weight.T against targets, ignoring -1; its gradients wrt h and weight, or None).
+    h (N, C), weight (V, C), targets (N,). `chunk` positions at a time: their logits, log-softmax and gradient exist
+    only for that chunk, where the plain path holds three (N, V) tensors (2.5 GB each at N=4096, V=152,064)."""
+    valid = targets != -1  # (N,)
+    scale = 1.0 / valid.sum()  # F.cross_entropy's mean over the positions not ignored
+    loss = torch.zeros((), device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+    grad_h = torch.empty_like(h) if grads else None
+    grad_w = torch.zeros_like(weight, dtype=loss.dtype) if grads else None
+    for i in range(0, h.size(0), chunk):
+        hc, tc, vc = h[i:i + chunk], targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]  # (n, C), (n,), (n,)
+        logits = F.linear(hc, weight)  # (n, V), in the matmul dtype (bf16 under autocast), as lm_head gives
+        logp = logits.to(loss.dtype).log_softmax(dim=-1)  # (n, V), at least fp32 like the plain path
+        loss = loss + (-logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
+        if grads:  # d loss / d logits = (softmax - onehot(target)) / n_valid on the positions not ignored
+            g = logp.exp_()  # in place: no second (n, V) tensor
+            g[torch.arange(len(tc), device=g.device), tc] -= 1
+            g = g.mul_((vc * scale)[:, None]).to(logits.dtype)  # (n, V); as the backward of .float() rounds it
+            grad_h[i:i + chunk] = g @ weight.to(g.dtype)  # (n, C)
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)  # (V, C), accumulated without a (V, C) temporary
+            else:  # bf16 matmul under autocast, summed in fp32 over chunks
+                grad_w += (g.t() @ hc.to(g.dtype)).to(grad_w.dtype)
+    return loss * scale, grad_h, grad_w
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The unembedding and cross-entropy as one op: the gradients are made chunk by chunk in forward (the logits
+    are never kept for backward), and backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        loss, grad_h, grad_w = cross_entropy_chunks(h, weight, targets, chunk, grads=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk):
+    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1) in equal value and gradients, holding
+    the logits of `chunk` positions at a time (issue 22). h (N, C), weight (V, C), targets (N,)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    return cross_entropy_chunks(h, weight, targets, chunk, grads=False)[0]
 
 
 class GPT(nn.Module):
@@ -196,9 +260,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # derived, so kept out of checkpoints
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_rope()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "experts.c_proj")):  # GPT-2's scaled init of residual projections
@@ -208,6 +270,13 @@ class GPT(nn.Module):
         self.nitp_head = SwiGLU(config.n_embd, 4 * config.n_embd) if config.has_nitp_head else None
         if self.nitp_head is not None:
             self.nitp_head.apply(self._init_weights)
+
+    def init_rope(self, device=None):
+        """The RoPE tables as buffers, derived so kept out of checkpoints; made again on `device` once a model built
+        on the meta device (train.py, FSDP) has storage."""
+        cos, sin = rotary_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -239,13 +308,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, nitp_weight=None):
         """idx, targets: (B, T) token ids; targets -1 are ignored by the cross-entropy. nitp_weight: optional
         tensor overriding config.nitp_weight (a schedule such as a late start changes its value without
-        recompiling). Returns logits (B, T, V) and the loss dict (None without targets)."""
+        recompiling). Returns (logits (B, T, V), None) without targets; with targets (None, the loss dict):
+        the loss never holds the logits of all positions (linear_cross_entropy), so there are none to return."""
         z, h, routing = self.trunk(idx)
-        logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
-            return logits, None
+            return self.lm_head(h), None  # (B, T, V)
         cfg = self.config
-        ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        ntp = linear_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.view(-1),
+                                   max(1, CE_CHUNK_LOGITS // cfg.vocab_size))
         losses = {"ntp": ntp, "total": ntp}
         if cfg.nitp:
             if cfg.nitp_loss == "generic_cosine":  # the baseline regulariser: no target, no head
@@ -262,7 +332,7 @@ class GPT(nn.Module):
             losses["moe_aux"] = torch.stack([aux for aux, _ in routing]).mean()
             losses["expert_counts"] = torch.stack([counts for _, counts in routing]).detach()  # (MoE layers, E)
             losses["total"] = losses["total"] + cfg.moe_aux_weight * losses["moe_aux"]
-        return logits, losses
+        return None, losses
 
     def inference_state_dict(self):
         """Weights for inference: everything but nitp_head (spec: zero inference cost). They load
@@ -344,7 +414,8 @@ class TrainConfig:
     fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state (for models DDP cannot fit)
     seed: int = 1337  # weights, data order and dropout; >= 0
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
-    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS (bf16/fp16 runs only)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more block compute
     nitp_start_iter: int = 0  # NITP weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
 
     def __post_init__(self):  # every number finite and in range, every choice one of its values
@@ -389,6 +460,14 @@ PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H100 NVL": 835e12, "H200": 989e12, "H100
                    "L4": 121e12, "A10G": 70e12, "A10": 125e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
+def peak_flops_for(device_name, dtype):
+    """MFU's denominator for a GPU name and a training dtype, or None: the table holds bf16/fp16 tensor-core peaks,
+    which an fp32 run (TF32 at best) cannot reach, so fp32 gets no MFU unless --peak_flops names a peak."""
+    if dtype == "float32":
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one file, tensors and plain Python values only, so that loading runs no code.
 
@@ -409,11 +488,12 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, required=("model", "model_config")):
     """The checkpoint dict at `path`, loaded with weights_only=True: a file that holds anything but
-    tensors and plain values (a crafted pickle could run code on load) is refused, not executed."""
+    tensors and plain values (a crafted pickle could run code on load) is refused, not executed. Memory-mapped:
+    the processes of one node share the file's pages instead of each reading its own copy (FSDP resume)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
@@ -449,9 +529,7 @@ class MoE(nn.Module):
 
     def route(self, x):
         """(T, D) -> softmax scores (T, E), routing weights (T, K), chosen experts (T, K)."""
-        # fp32 even under bf16 autocast: rounding the logits would flip near-tied top-k choices.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
+        logits = router_logits(x, self.router.weight)  # (T, E)
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)  # (T, K) each
         if self.renorm:
@@ -475,6 +553,15 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape), (load_balance_loss(scores, counts, self.top_k), counts)
+
+
+def router_logits(x, weight):
+    """x (T, D) @ weight (E, D).T -> (T, E) in true fp32, even under bf16 autocast: rounding the logits would flip
+    near-tied top-k choices. On CUDA the matmul runs in fp64, which has no TF32 mode (train.py turns TF32 on for
+    fp32 matmuls, a global switch that a compiled graph cannot flip for one op); at T x D x E it costs little."""
+    dtype = torch.float64 if x.device.type == "cuda" else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), weight.to(dtype)).float()
 
 
 class Experts(nn.Module):

@@ -45,13 +45,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
-from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats,  # noqa: E402
-                   flops_per_token, load_checkpoint, save_checkpoint)
+from model import (GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,  # noqa: E402
+                   load_checkpoint, peak_flops_for, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine  # noqa: E402
 from tasks import TaskError, load_tasks, log_record, score_tasks  # noqa: E402
 
@@ -272,6 +273,28 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def sharded_model(mcfg, full_state, param_dtype, compile, checkpointing, device):
+    """GPT(mcfg) under FSDP2 with rank 0's `full_state` (ignored on other ranks), built on the meta device and sent
+    shard by shard: no rank holds the whole model on its device, and no rank but 0 on the host. param_dtype: the
+    dtype blocks compute in (None = fp32); gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    # Forward inputs keep their dtype: the default casts the fp32 RoPE tables (and nitp_weight) to param_dtype,
+    # rotating with bf16 angles where DDP under autocast uses fp32. The residual stream is cast by the weights anyway.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.transformer.h:  # one all-gather per block in forward and one reduce-scatter in backward
+        block.checkpoint = checkpointing  # before fully_shard, so the recomputation runs inside its hooks
+        if compile:
+            block.compile()  # per block: FSDP's hooks stay outside the compiled graphs
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the root: embeddings, ln_f, lm_head, nitp_head
+    model.to_empty(device=device)
+    model.init_rope(device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:  # opened per record, so a crash loses nothing already logged
         f.write(json.dumps(record) + "\n")
@@ -429,23 +452,24 @@ def run(argv, cleanup, progress):
         say(f"resuming {ckpt_path} at step {ckpt['iter_num']} of {cfg.max_iters}")
 
     # --- model, sharding, optimizer, and the state to resume
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(mcfg).to(device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])  # full tensors, before any sharding
-    if cfg.fsdp:  # one all-gather per block in forward and one reduce-scatter in backward; the root holds the rest
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else ptdtype, reduce_dtype=torch.float32)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and under FSDP as without it
+    if cfg.fsdp:  # only rank 0 holds the full weights, on the host: made from the seed or read from the checkpoint
+        full = (ckpt["model"] if ckpt is not None else GPT(mcfg).state_dict()) if master else {}
+        model = sharded_model(mcfg, full, None if dtype == "float32" else ptdtype, cfg.compile,
+                              cfg.activation_checkpointing, device)
+        del full
+    else:
+        model = GPT(mcfg).to(device)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
         for block in model.transformer.h:
-            if cfg.compile:
-                block.compile()  # per block: FSDP's hooks stay outside the compiled graphs
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # embeddings, ln_f, lm_head, nitp_head
+            block.checkpoint = cfg.activation_checkpointing  # before compile, which traces it
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     start_iter = 0 if ckpt is None else ckpt["iter_num"]
     if ckpt is not None:  # the file holds full, name-keyed state: it loads with or without FSDP
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if master or not cfg.fsdp else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=cfg.fsdp))
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if master and os.path.exists(log_path):  # drop the records a crash left past the checkpoint's step
@@ -472,8 +496,7 @@ def run(argv, cleanup, progress):
 
     logged = ["total", "ntp"] + ([mcfg.aux_name] if mcfg.nitp else []) + (["moe_aux"] if mcfg.n_experts else [])
     val_windows = val_offsets(len(val_data), mcfg.block_size, cfg.batch_size, cfg.eval_iters)
-    peak = cfg.peak_flops or (cuda and next(
-        (v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None))
+    peak = cfg.peak_flops or (cuda and peak_flops_for(torch.cuda.get_device_name(device), dtype))
     if master:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -529,9 +552,9 @@ def run(argv, cleanup, progress):
                 weight["nitp_weight"] = torch.tensor(0.0 if it < cfg.nitp_start_iter else mcfg.nitp_weight, device=device)
             sums, counts = torch.zeros(len(logged), device=device), 0  # loss parts; MoE tokens per expert (L, E)
             for micro in range(accum):
-                if cfg.fsdp:  # reduce-scatter gradients on the last micro-step only
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                elif world_size > 1:  # all-reduce gradients on the last micro-step only; set before forward
+                # FSDP reduce-scatters every micro-step: skipping it would keep an unsharded gradient per rank
+                # (pytorch#126166), the memory FSDP is for. DDP all-reduces on the last micro-step only.
+                if world_size > 1 and not cfg.fsdp:  # set before forward
                     train_model.require_backward_grad_sync = micro == accum - 1
                 # The data and the dropout masks of a micro-batch depend on (seed, step, global micro-batch index) alone:
                 # no random state to save, and the same run on any number of processes.

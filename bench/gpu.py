@@ -26,6 +26,10 @@ stopped. A section not started within --time_limit seconds is recorded as skippe
                  torch.distributed.run) on a synthetic dataset folder written here, compiled, bf16:
                  loss falls, a checkpoint is written, --init_from=resume with a larger --max_iters
                  continues from the checkpoint's step
+    memory       bench/memory.py's measurements, each in a fresh process: peak torch.cuda.max_memory_allocated of
+                 the loss and of a training step (bf16 autocast) with the plain cross-entropy (full logits), the
+                 chunked one, and the chunked one with activation checkpointing, for config/gpt2_124m.py's
+                 model and a 2 x 256 model with the paper's 152,064-token vocabulary; ratios to the plain path
 
 Timings synchronise the device and read time.perf_counter. Peak GPU memory is
 torch.cuda.max_memory_allocated for the in-process sections; for e2e it is whatever train.py logs
@@ -59,7 +63,7 @@ import model
 from model import PEAK_BF16_FLOPS, GPT, MoE, GPTConfig, SwiGLU, flops_per_token, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("env", "dense", "moe_layer", "moe_compile", "e2e")
+SECTIONS = ("env", "dense", "moe_layer", "moe_compile", "e2e", "memory")
 
 
 class CheckFailed(Exception):
@@ -486,6 +490,18 @@ def e2e_runs(entry, a, deadline, work):
 # ----------------------------------------------------------------------------------------------
 # the run
 
+def section_memory(entry, a):
+    from bench.memory import measure_in_subprocess, measurements
+    entry.update(device=str(a.device), batch_size=a.mem_batch, block_size=a.mem_block, steps=a.mem_steps, points=[])
+    for shape in a.mem_shapes:
+        for what, variant in measurements():
+            r = measure_in_subprocess(shape, what, variant, a.mem_batch, a.mem_block, a.mem_steps, a.device.type,
+                                      a.mem_timeout)
+            plain = r if variant == "plain" else plain
+            entry["points"].append(dict(shape=shape, what=what, variant=variant, **r,
+                                        memory_ratio=r["peak_gb"] / plain["peak_gb"], time_ratio=r["ms"] / plain["ms"]))
+
+
 def settings(args):
     """Every shape and count, for the GPU run or the CPU smoke path."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -504,7 +520,9 @@ def settings(args):
                           mc_top_k=4, mc_batch=8, mc_steps=12, mc_lr=2e-3,
                           e2e_train_tokens=2_000_000, e2e_layers=4, e2e_embd=256, e2e_heads=4, e2e_block=256,
                           e2e_batch=32, e2e_iters=50, e2e_resume_iters=70, e2e_eval_interval=25,
-                          e2e_log_interval=5, e2e_timeout=240.0)
+                          e2e_log_interval=5, e2e_timeout=240.0,
+                          mem_shapes=["gpt2_124m", "vocab152k"], mem_batch=16, mem_block=1024, mem_steps=3,
+                          mem_timeout=300.0)
     else:
         s.__dict__.update(matmul_n=256, matmul_reps=3,
                           dense_layers=3, dense_embd=64, dense_heads=4, dense_block=64, dense_vocab=512,
@@ -514,7 +532,8 @@ def settings(args):
                           mc_top_k=2, mc_batch=8, mc_steps=8, mc_lr=3e-3,
                           e2e_train_tokens=200_000, e2e_layers=2, e2e_embd=64, e2e_heads=4, e2e_block=64,
                           e2e_batch=8, e2e_iters=20, e2e_resume_iters=30, e2e_eval_interval=10,
-                          e2e_log_interval=5, e2e_timeout=90.0)
+                          e2e_log_interval=5, e2e_timeout=90.0,
+                          mem_shapes=["tiny"], mem_batch=1, mem_block=16, mem_steps=1, mem_timeout=120.0)
     if args.compile is not None:
         s.compile = args.compile
     return s
@@ -598,6 +617,11 @@ def section_rows(name, e):
         resumed = e["resume_train"]
         yield "resume", (f"from step {e['resumed_from_iter']} to {resumed[-1][0]}, loss {resumed[0][1]:.3f} -> "
                          f"{resumed[-1][1]:.3f}, {e['resume_seconds']:.0f} s")
+    elif name == "memory":
+        unit = "GB max_memory_allocated" if e["device"].startswith("cuda") else "GB peak RSS"
+        for p in e["points"]:
+            yield f"{p['shape']} {p['what']} {p['variant']}", (f"{p['peak_gb']:.2f} {unit} ({p['memory_ratio']:.2f} x "
+                                                                f"plain), {p['ms']:.0f} ms ({p['time_ratio']:.2f} x)")
 
 
 def print_table(report):
@@ -656,7 +680,8 @@ def main(argv=None):
                        "elapsed_s": 0.0, "time_limit_s": a.time_limit},
               "sections": {}}
     functions = {"env": section_env, "dense": section_dense, "moe_layer": section_moe_layer,
-                 "moe_compile": section_moe_compile, "e2e": lambda entry, a: section_e2e(entry, a, deadline)}
+                 "moe_compile": section_moe_compile, "e2e": lambda entry, a: section_e2e(entry, a, deadline),
+                 "memory": section_memory}
     for name in only:
         entry = report["sections"][name] = {"status": "running"}
         if time.time() > deadline:

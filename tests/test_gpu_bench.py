@@ -14,7 +14,7 @@ import train
 from conftest import ROOT, run_script
 from model import GPTConfig
 
-SECTIONS = ("env", "dense", "moe_layer", "moe_compile", "e2e")
+SECTIONS = ("env", "dense", "moe_layer", "moe_compile", "e2e", "memory")
 
 
 @pytest.fixture(scope="module")
