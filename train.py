@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets
+from hf import HFError, hf_gpt_config, load_hf_weights
 from model import (PEAK_BF16_FLOPS, GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,
                    load_checkpoint, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine
@@ -208,10 +209,23 @@ def run(argv):
     train_data, val_data, meta, where = load_data(cfg.data_dir or os.path.join("data", cfg.dataset), cfg.train_shards,
                                                   cfg.val_shards)
     vocab = meta["vocab_size"]
-    if model_args.get("vocab_size", vocab) < vocab:
-        raise UsageError(f"vocab_size={model_args['vocab_size']} is below the dataset's {vocab} ids (meta.json): "
-                         f"drop --vocab_size or set it >= {vocab}")
-    mcfg = GPTConfig(**{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
+    # A Hugging Face model (hf.py) fixes the architecture knobs; a resume of such a run reads them from config.json.
+    hf_source = cfg.init_from[3:] if cfg.init_from[:3] == "hf:" else None
+    previous = os.path.join(cfg.out_dir, "config.json")
+    if cfg.init_from == "resume" and os.path.isfile(previous):
+        with open(previous) as f:
+            recorded = json.load(f)
+        if recorded.get("hf_source"):
+            hf_source, model_args = recorded["hf_source"], {**recorded["model"], **model_args}
+    try:
+        mcfg = hf_gpt_config(hf_source, model_args) if hf_source and cfg.init_from != "resume" else GPTConfig(
+            **{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
+    except HFError as e:
+        raise UsageError(str(e)) from None
+    if mcfg.vocab_size < vocab:
+        raise UsageError(f"vocab_size={mcfg.vocab_size} is below the dataset's {vocab} ids (meta.json): " + (
+            f"tokenise the data with the model's tokenizer (prepare_data.py --tokenizer=hf:{hf_source})" if hf_source
+            else f"drop --vocab_size or set it >= {vocab}"))
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
         raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
@@ -260,7 +274,9 @@ def run(argv):
 
     # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(mcfg).to(device)
+    model = GPT(mcfg).to(device)  # with --init_from=hf: the NITP head is initialised as in a fresh run
+    if hf_source and ckpt is None:  # the full weights on every rank, before any sharding
+        load_hf_weights(model, hf_source)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # full tensors, before any sharding
     if cfg.fsdp:  # one all-gather per block in forward and one reduce-scatter in backward; the root holds the rest
@@ -308,7 +324,7 @@ def run(argv):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
-                       "torch": torch.__version__, "git": git, "argv": argv}, f, indent=2)
+                       "torch": torch.__version__, "git": git, "argv": argv, "hf_source": hf_source}, f, indent=2)
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(include_head=False) / 1e6:.2f}M at "
         f"inference), {tokens_per_iter:,} tokens per step on {world_size} x {device} in {ptdtype}; training FLOPs per "
         f"token (6 x params touched) {flops['total']:.3e}, of which NITP {flops['nitp']:.3e} = "
@@ -427,7 +443,7 @@ def main(argv):
     code = 0
     try:
         run(argv)
-    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss) as e:
+    except (UsageError, DatasetError, CheckpointError, HFError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3 if isinstance(e, NonFiniteLoss) else 2
     if dist.is_initialized():
