@@ -1,9 +1,11 @@
 """
-Tests of export_hf.py: a trained GPT exported as a Llama folder loads in transformers and gives the
-same logits; the folder handling refuses what it must and leaves nothing behind. CPU, tiny shapes.
-transformers and safetensors are test-only dependencies (the export itself needs only safetensors).
+Tests of hf.py, both directions. Export: a trained GPT exported as a Llama folder loads in transformers and gives
+the same logits; the folder handling refuses what it must and leaves nothing behind. Import: tiny random
+transformers models (saved with save_pretrained, no download) give the same logits through GPT.from_pretrained, train
+under DDP with --init_from=hf: and resume; whatever is not implemented is refused in one line. CPU, tiny shapes.
+transformers and safetensors are test-only dependencies (the mapping itself needs only safetensors).
 
-    python -m pytest -q tests/test_export_hf.py
+    python -m pytest -q tests/test_hf.py
 """
 import json
 import os
@@ -15,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from export_hf import ExportError, export_hf  # noqa: E402
+from hf import HFError, export_hf  # noqa: E402
 from model import GPT, GPTConfig, apply_rotary, rotary_tables  # noqa: E402
 
 V, T = 96, 24  # vocabulary (padded to 96, more than the ids we feed) and sequence length (= block_size)
@@ -52,7 +54,7 @@ def load_hf(path):
 def test_transformers_gives_the_same_logits(tmp_path, n_kv_head, tie):
     model = trained(tiny_config(n_kv_head, tie))
     assert model.nitp_head is not None and float(model.transformer.h[0].ln_1.weight.detach().std()) > 0  # trained, head present
-    export_hf(model, str(tmp_path / "hf"), tokenizer="gpt2", eot_token=7)
+    export_hf(model, str(tmp_path / "hf"), tokenizer="byte", eot_token=7)
     hf, info = load_hf(tmp_path / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert not info["missing_keys"] and not info["unexpected_keys"], info  # every HF weight came from the file
@@ -83,7 +85,7 @@ def test_rotary_convention_matches_rotate_half(tmp_path):
 def test_tensors_and_config(tmp_path, tie):
     cfg = tiny_config(tie=tie)
     model = trained(cfg)
-    export_hf(model, str(tmp_path / "hf"), tokenizer="gpt2", eot_token=7)
+    export_hf(model, str(tmp_path / "hf"), tokenizer="byte", eot_token=7)
     tensors = safetensors_torch.load_file(tmp_path / "hf" / "model.safetensors")
     assert not any("nitp" in name for name in tensors)
     assert ("lm_head.weight" in tensors) == (not tie)
@@ -108,7 +110,7 @@ def test_tensors_and_config(tmp_path, tie):
 
 def test_moe_model_is_refused_in_one_line(tmp_path):
     moe = GPT(tiny_config(n_experts=4, moe_top_k=2))
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(HFError) as e:
         export_hf(moe, str(tmp_path / "hf"))
     assert "\n" not in str(e.value) and "MoE" in str(e.value) and "MLA" in str(e.value)
     assert os.listdir(tmp_path) == []
@@ -122,7 +124,7 @@ def test_foreign_folder_is_refused_and_untouched(tmp_path, contents):
     target.mkdir()
     for name, text in contents.items():
         (target / name).write_text(text)
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(HFError) as e:
         export_hf(trained(tiny_config(), steps=0), str(target))
     assert "\n" not in str(e.value) and "refusing to overwrite" in str(e.value)
     assert {p.name: p.read_text() for p in target.iterdir()} == contents
@@ -133,10 +135,10 @@ def test_reexport_replaces_own_folder_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "hf"
     target.mkdir()  # an empty folder is fine too
     first = export_hf(trained(tiny_config(), seed=0), str(target), tokenizer="byte", eot_token=256)
-    assert first["hf_tokenizer"] is None and "no standard Hugging Face tokenizer" in first["tokenizer_note"]
+    assert first["tokenizer_files"] == [] and "no standard Hugging Face tokenizer" in first["tokenizer_note"]
     second_model = trained(tiny_config(), seed=1)
-    second = export_hf(second_model, str(target), tokenizer="gpt2", eot_token=50256)
-    assert second["hf_tokenizer"] == "gpt2" and "gpt2" in (target / "README.md").read_text()
+    second = export_hf(second_model, str(target), tokenizer="cl100k_base", eot_token=50256)
+    assert "cl100k_base" in second["tokenizer_note"] and "cl100k_base" in (target / "README.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["hf"] and sorted(os.listdir(target)) == ["README.md", "config.json",
                                                                                       "model.safetensors"]
     tensors = safetensors_torch.load_file(target / "model.safetensors")  # the second model's weights
@@ -146,7 +148,7 @@ def test_reexport_replaces_own_folder_and_leaves_no_temporary(tmp_path):
 
 def test_missing_safetensors_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # makes the import raise ImportError
-    with pytest.raises(ExportError, match="pip install safetensors"):
+    with pytest.raises(HFError, match="pip install safetensors"):
         export_hf(GPT(tiny_config()), str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
 
@@ -169,3 +171,170 @@ def test_sample_py_exports_a_trained_checkpoint_and_refuses_moe_in_one_line(tmp_
                      timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "MoE" in out.stderr
     assert not (tmp_path / "hf2").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Import: GPT.from_pretrained and train.py --init_from=hf:PATH
+
+from conftest import GPT2_FILE, ROOT, TINY, make_dataset, needs_gpt2, read_log, run_script, torchrun  # noqa: E402
+
+HF_V, HF_T = 100, 32  # the tiny transformers models' vocabulary and max_position_embeddings
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8)
+HF_SHAPE = ["--n_layer=5", "--n_head=4"]  # TINY's shape flags replaced by the checkpoint's (n_embd is 32 in both)
+HF_KINDS = {  # each covers what the issue names for it; non-default eps and head_dim where the class allows them
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
+                                  rope_scaling=LLAMA3, rms_norm_eps=1e-5)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, head_dim=12, sliding_window=None)),
+}
+
+
+def hf_folder(path, kind, seed=0, **overrides):
+    """A random transformers model of `kind` saved at path (weights std 0.3, biases too, so that a wrong mapping
+    changes the logits); -> the model, in eval mode."""
+    name, extra = HF_KINDS[kind]
+    config = getattr(transformers, name)(**{**dict(vocab_size=HF_V, hidden_size=32, intermediate_size=40,
+                                                   num_hidden_layers=5, num_attention_heads=4,
+                                                   max_position_embeddings=HF_T), **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return model
+
+
+def same_logits(ours, theirs):
+    idx = torch.randint(0, HF_V, (2, HF_T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours.eval()(idx)[0], theirs(idx).logits
+    assert b.abs().max() > 1  # not a degenerate model
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", list(HF_KINDS))
+def test_from_pretrained_gives_transformers_logits(tmp_path, kind):
+    theirs = hf_folder(tmp_path, kind)
+    ours = GPT.from_pretrained(str(tmp_path), {"block_size": HF_T})
+    assert same_logits(ours, theirs) < 1e-4
+    cfg = ours.config
+    assert (cfg.n_layer, cfg.nitp_layer, cfg.qkv_bias, cfg.tie_embeddings) == (5, 1, kind == "qwen2", kind == "qwen2")
+    assert ours.nitp_head is not None  # new, for continued pre-training with NITP
+    if kind == "llama":  # the scaling is in force: without it the logits differ
+        import dataclasses
+        plain = GPT(dataclasses.replace(cfg, rope_factor=0.0))
+        plain.load_state_dict(ours.state_dict())
+        assert same_logits(plain, theirs) > 1e-2
+
+
+def test_sharded_checkpoint_and_transformers_4_config(tmp_path):
+    """Shards read through model.safetensors.index.json; a config.json as transformers 4.x writes it (rope_theta,
+    rope_scaling with "type", no rope_parameters) reads as 5.x's does."""
+    theirs = hf_folder(tmp_path, "llama")
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    assert same_logits(GPT.from_pretrained(str(tmp_path / "sharded"), {"block_size": HF_T}), theirs) < 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    assert rope["rope_type"] == "llama3"
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling={"type": rope.pop("rope_type"), **rope})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert same_logits(GPT.from_pretrained(str(tmp_path), {"block_size": HF_T}), theirs) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_import_then_export_gives_back_the_original_tensors(tmp_path, kind):
+    hf_folder(tmp_path / "in", kind)
+    info = export_hf(GPT.from_pretrained(str(tmp_path / "in"), {"block_size": HF_T}), str(tmp_path / "out"))
+    assert info["architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
+    original = safetensors_torch.load_file(tmp_path / "in" / "model.safetensors")
+    exported = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert original.keys() == exported.keys()
+    for name, t in original.items():
+        assert torch.equal(t, exported[name]), name
+    assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o644
+    again = GPT.from_pretrained(str(tmp_path / "out"), {"block_size": HF_T})  # and the export reads back the same
+    assert same_logits(again, load_hf(tmp_path / "in")[0]) < 1e-4
+
+
+REFUSED = {  # config.json edit -> a word the one line must contain
+    "mla": ({"architectures": ["DeepseekV3ForCausalLM"]}, "DeepseekV3ForCausalLM"),
+    "yarn": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    "attention-bias": ({"attention_bias": True}, "attention_bias"),
+    "mlp-bias": ({"mlp_bias": True}, "mlp_bias"),
+    "gelu": ({"hidden_act": "gelu"}, "hidden_act"),
+    "window": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 8}, "sliding_window"),
+}
+
+
+@pytest.mark.parametrize("edit,flags,word", [(edit, [], word) for edit, word in REFUSED.values()] + [
+    ({}, ["--n_layer=3"], "--n_layer=3 conflicts"), ({}, ["--block_size=64"], "max_position_embeddings"),
+    ({"vocab_size": 50}, [], "below the dataset's 60")],
+    ids=list(REFUSED) + ["conflicting-flag", "block-size", "data-vocab"])
+def test_refused_in_one_line_by_train_py(tmp_path, edit, flags, word):
+    hf_folder(tmp_path / "hf", "llama", vocab_size=HF_V if "vocab_size" not in edit else edit["vocab_size"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+    data = make_dataset(tmp_path / "data")
+    out = run_script(ROOT / "train.py", *TINY, f"--init_from=hf:{tmp_path / 'hf'}", f"--data_dir={data}",
+                     f"--out_dir={tmp_path / 'out'}", "--max_iters=1", *HF_SHAPE, *flags, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and word in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_hf_trains_under_ddp_and_resumes(tmp_path):
+    """3 NITP steps under 2 DDP processes from a Qwen2 checkpoint: the first evaluation is the imported model's
+    loss; then --init_from=resume continues the run without the architecture flags."""
+    from dataset import get_batch, val_offsets
+    import numpy as np
+    theirs = hf_folder(tmp_path / "hf", "qwen2")
+    data, out_dir = make_dataset(tmp_path / "data"), tmp_path / "out"
+    common = [f"--data_dir={data}", f"--out_dir={out_dir}", *HF_SHAPE]
+    torchrun(f"--init_from=hf:{tmp_path / 'hf'}", *common, "--max_iters=3")
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["hf_source"] == str(tmp_path / "hf") and config["world_size"] == 2
+    assert config["model"]["nitp_layer"] == 1 and config["model"]["qkv_bias"] and config["model"]["vocab_size"] == HF_V
+    train_records, evals = read_log(out_dir)
+    assert [r["iter"] for r in train_records] == [1, 2, 3] and all("nitp" in r for r in train_records)
+    val = np.memmap(os.path.join(data, "val.bin"), dtype=np.uint16, mode="r")
+    batches = [get_batch(val, o, 16, torch.device("cpu")) for o in val_offsets(len(val), 16, 4, 2)]  # TINY's eval
+    with torch.no_grad():
+        expected = sum(torch.nn.functional.cross_entropy(theirs(x).logits.view(-1, HF_V), y.view(-1)).item()
+                       for x, y in batches) / len(batches)
+    assert abs(evals[0]["val_loss"] - expected) < 1e-4  # the imported weights, not a fresh init
+    no_shape = [f for f in TINY if not f.startswith(("--n_layer", "--n_head", "--n_embd"))]
+    out = run_script(ROOT / "train.py", *no_shape, "--init_from=resume", f"--data_dir={data}", f"--out_dir={out_dir}",
+                     "--max_iters=5", timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["iter"] for r in read_log(out_dir)[0]] == [1, 2, 3, 4, 5]
+    assert json.loads((out_dir / "config.json").read_text())["hf_source"] == str(tmp_path / "hf")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokenizer shipped with the export
+
+@needs_gpt2
+def test_gpt2_tokenizer_is_written_and_gives_tiktokens_ids(tmp_path):
+    from prepare_data import get_tokenizer
+    info = export_hf(GPT(tiny_config()), str(tmp_path / "hf"), tokenizer="gpt2", eot_token=50256,
+                     tiktoken_file=str(GPT2_FILE))
+    assert "tokenizer.json" in info["tokenizer_files"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ref = get_tokenizer("gpt2", str(GPT2_FILE)).encoding
+    text = "Hello world!  It's 2026<|endoftext|>\n\n\tdef f(x):\n    return x**2  # ünïcödé 日本語 🙂 'll've"
+    assert tok.encode(text) == ref.encode(text, allowed_special="all")
+    assert tok.eos_token_id == 50256 and tok.decode(ref.encode(text, allowed_special="all")) == text
+
+
+def test_hf_tokenizer_files_are_copied(tmp_path):
+    """Data tokenised with an HF tokenizer (meta.json "hf:PATH"): the export carries that tokenizer's files."""
+    tokenizers = pytest.importorskip("tokenizers")
+    source = tmp_path / "tok"
+    source.mkdir()
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(source)
+    info = export_hf(GPT(tiny_config()), str(tmp_path / "hf"), tokenizer=f"hf:{source}", eot_token=0)
+    assert info["tokenizer_files"] == sorted(p.name for p in source.iterdir())
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("hello world") == [1, 2]
