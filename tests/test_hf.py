@@ -185,7 +185,7 @@ HF_KINDS = {  # each covers what the issue names for it; non-default eps and hea
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
                                   rope_scaling=LLAMA3, rms_norm_eps=1e-5)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=1, head_dim=12, sliding_window=None)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, head_dim=12, sliding_window=HF_T)),  # window >= block
 }
 
 
@@ -283,15 +283,16 @@ def test_refused_in_one_line_by_train_py(tmp_path, edit, flags, word):
     assert not (tmp_path / "out").exists()
 
 
-def test_init_from_hf_trains_under_ddp_and_resumes(tmp_path):
-    """3 NITP steps under 2 DDP processes from a Qwen2 checkpoint: the first evaluation is the imported model's
-    loss; then --init_from=resume continues the run without the architecture flags."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_init_from_hf_trains_under_ddp_and_resumes(tmp_path, fsdp):
+    """3 NITP steps under 2 processes (DDP, or FSDP2: full weights loaded, then sharded) from a Qwen2 checkpoint:
+    the first evaluation is the imported model's loss; then --init_from=resume continues without the shape flags."""
     from dataset import get_batch, val_offsets
     import numpy as np
     theirs = hf_folder(tmp_path / "hf", "qwen2")
     data, out_dir = make_dataset(tmp_path / "data"), tmp_path / "out"
     common = [f"--data_dir={data}", f"--out_dir={out_dir}", *HF_SHAPE]
-    torchrun(f"--init_from=hf:{tmp_path / 'hf'}", *common, "--max_iters=3")
+    torchrun(f"--init_from=hf:{tmp_path / 'hf'}", *common, "--max_iters=3", f"--fsdp={fsdp}")
     config = json.loads((out_dir / "config.json").read_text())
     assert config["hf_source"] == str(tmp_path / "hf") and config["world_size"] == 2
     assert config["model"]["nitp_layer"] == 1 and config["model"]["qkv_bias"] and config["model"]["vocab_size"] == HF_V
