@@ -241,7 +241,10 @@ def run(argv):
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
         ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num"))
-        saved, old = ckpt["model_config"], ckpt.get("train_config", {})
+        try:  # through GPTConfig: a checkpoint older than a knob gets its default (head_dim, qkv_bias, rope_factor)
+            saved, old = dataclasses.asdict(GPTConfig(**ckpt["model_config"])), ckpt.get("train_config", {})
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"the model config in {ckpt_path} does not fit this version ({e}): use a new out_dir")
         differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
                               for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
         if differing:

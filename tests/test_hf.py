@@ -339,3 +339,18 @@ def test_hf_tokenizer_files_are_copied(tmp_path):
     info = export_hf(GPT(tiny_config()), str(tmp_path / "hf"), tokenizer=f"hf:{source}", eot_token=0)
     assert info["tokenizer_files"] == sorted(p.name for p in source.iterdir())
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("hello world") == [1, 2]
+
+
+def test_checkpoint_from_before_the_new_knobs_resumes(tmp_path):
+    """head_dim, qkv_bias and the rope_* knobs are new in GPTConfig: a checkpoint without them still resumes."""
+    import train
+    from model import load_checkpoint, save_checkpoint
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    assert train.main([*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=1"]) == 0
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    for key in ("head_dim", "qkv_bias", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_pos"):
+        del ckpt["model_config"][key]
+    save_checkpoint(str(out / "ckpt.pt"), ckpt)
+    assert train.main([*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--init_from=resume"]) == 0
+    assert [r["iter"] for r in read_log(out)[0]] == [1, 2]
