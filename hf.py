@@ -143,7 +143,10 @@ def weight_files(path):
     """{HF tensor name: the .safetensors file holding it} of the folder at `path`."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        return {name: os.path.join(path, file) for name, file in read_json(index)["weight_map"].items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise HFError(f"{index} has no weight_map: download the model again")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise HFError(f"{path} holds no model.safetensors (nor model.safetensors.index.json): only safetensors weights "
@@ -158,28 +161,32 @@ def load_hf_weights(model, path):
     """Copy the weights of the Hugging Face folder `path` into `model` (built by hf_gpt_config(path, ...)), one tensor
     at a time (peak memory: the model plus one tensor), each cast to the model's dtype. The NITP head is untouched."""
     try:
-        from safetensors import safe_open  # optional dependency: only the Hugging Face mapping needs it
+        from safetensors import SafetensorError, safe_open  # optional: only the Hugging Face mapping needs it
     except ImportError:
         raise HFError("reading Hugging Face weights needs safetensors: pip install safetensors") from None
-    files, params = weight_files(path), dict(model.named_parameters())
-    pairs = hf_names(model.config)
+    pairs, params = hf_names(model.config), dict(model.named_parameters())
     wanted = {name for _, names in pairs for name in names}
-    # Older checkpoints store the rotary frequencies (derived here); a tied model may store its lm_head copy too.
-    extra = [n for n in files if n not in wanted and not n.endswith("rotary_emb.inv_freq")
-             and not (model.config.tie_embeddings and n == "lm_head.weight")]
-    absent = sorted(wanted - files.keys())
-    if extra or absent:
-        raise HFError(f"{path}'s tensors do not match its config.json: " + "; ".join(
-            f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("unexpected", extra), ("missing", absent)) if names))
-    with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in set(files.values())}
-        for ours, names in pairs:
-            t = torch.cat([handles[files[n]].get_tensor(n) for n in names])  # rows q | k | v, or the one tensor
-            if t.shape != params[ours].shape:
-                raise HFError(f"{path}: {names[0]} has shape {tuple(t.shape)}, its config.json implies "
-                              f"{tuple(params[ours].shape)}; the checkpoint is inconsistent")
-            params[ours].copy_(t)
+    try:
+        files = weight_files(path)
+        # Older checkpoints store the rotary frequencies (derived here); a tied model may store its lm_head copy too.
+        extra = [n for n in files if n not in wanted and not n.endswith("rotary_emb.inv_freq")
+                 and not (model.config.tie_embeddings and n == "lm_head.weight")]
+        absent = sorted(wanted - files.keys())
+        if extra or absent:
+            raise HFError(f"{path}'s tensors do not match its config.json: " + "; ".join(
+                f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                for what, names in (("unexpected", extra), ("missing", absent)) if names))
+        with contextlib.ExitStack() as stack:
+            handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in set(files.values())}
+            for ours, names in pairs:
+                t = torch.cat([handles[files[n]].get_tensor(n) for n in names])  # rows q | k | v, or the one tensor
+                if t.shape != params[ours].shape:
+                    raise HFError(f"{path}: {names[0]} has shape {tuple(t.shape)}, its config.json implies "
+                                  f"{tuple(params[ours].shape)}; the checkpoint is inconsistent")
+                params[ours].copy_(t)
+    except (OSError, SafetensorError) as e:  # a shard missing, truncated or not safetensors
+        raise HFError(f"cannot read the weights in {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      f"download the model again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

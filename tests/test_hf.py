@@ -179,7 +179,8 @@ def test_sample_py_exports_a_trained_checkpoint_and_refuses_moe_in_one_line(tmp_
 from conftest import GPT2_FILE, ROOT, TINY, make_dataset, needs_gpt2, read_log, run_script, torchrun  # noqa: E402
 
 HF_V, HF_T = 100, 32  # the tiny transformers models' vocabulary and max_position_embeddings
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8)
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8)  # below HF_T, so that all three frequency bands occur
 HF_SHAPE = ["--n_layer=5", "--n_head=4"]  # TINY's shape flags replaced by the checkpoint's (n_embd is 32 in both)
 HF_KINDS = {  # each covers what the issue names for it; non-default eps and head_dim where the class allows them
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
@@ -254,8 +255,9 @@ def test_import_then_export_gives_back_the_original_tensors(tmp_path, kind):
     for name, t in original.items():
         assert torch.equal(t, exported[name]), name
     assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o644
-    again = GPT.from_pretrained(str(tmp_path / "out"), {"block_size": HF_T})  # and the export reads back the same
-    assert same_logits(again, load_hf(tmp_path / "in")[0]) < 1e-4
+    theirs, loading = load_hf(tmp_path / "out")  # transformers reads the export as the original model
+    assert type(theirs).__name__ == info["architecture"] and not loading["missing_keys"], loading
+    assert same_logits(GPT.from_pretrained(str(tmp_path / "in"), {"block_size": HF_T}), theirs) < 1e-4
 
 
 REFUSED = {  # config.json edit -> a word the one line must contain
@@ -264,7 +266,8 @@ REFUSED = {  # config.json edit -> a word the one line must contain
     "attention-bias": ({"attention_bias": True}, "attention_bias"),
     "mlp-bias": ({"mlp_bias": True}, "mlp_bias"),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act"),
-    "window": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 8}, "sliding_window"),
+    "window": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 8},
+               "sliding_window"),
 }
 
 
@@ -310,6 +313,25 @@ def test_init_from_hf_trains_under_ddp_and_resumes(tmp_path, fsdp):
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["iter"] for r in read_log(out_dir)[0]] == [1, 2, 3, 4, 5]
     assert json.loads((out_dir / "config.json").read_text())["hf_source"] == str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "shard-missing", "extra-tensor"])
+def test_damaged_weights_are_refused_in_one_line(tmp_path, damage):
+    theirs = hf_folder(tmp_path, "llama")
+    if damage == "truncated":
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        theirs.save_pretrained(tmp_path, max_shard_size="20KB")
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        if damage == "shard-missing":
+            os.remove(tmp_path / sorted(set(index["weight_map"].values()))[0])
+        else:
+            index["weight_map"]["model.layers.0.self_attn.o_proj.bias"] = next(iter(index["weight_map"].values()))
+            (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HFError) as e:
+        GPT.from_pretrained(str(tmp_path), {"block_size": HF_T})
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
