@@ -214,7 +214,10 @@ def run(argv):
     previous = os.path.join(cfg.out_dir, "config.json")
     if cfg.init_from == "resume" and os.path.isfile(previous):
         with open(previous) as f:
-            recorded = json.load(f)
+            try:
+                recorded = json.load(f)
+            except ValueError:  # cut short by a crash: the checkpoint's model check below still applies
+                recorded = {}
         if recorded.get("hf_source"):
             hf_source, model_args = recorded["hf_source"], {**recorded["model"], **model_args}
     try:

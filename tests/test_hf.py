@@ -179,8 +179,10 @@ def test_sample_py_exports_a_trained_checkpoint_and_refuses_moe_in_one_line(tmp_
 from conftest import GPT2_FILE, ROOT, TINY, make_dataset, needs_gpt2, read_log, run_script, torchrun  # noqa: E402
 
 HF_V, HF_T = 100, 32  # the tiny transformers models' vocabulary and max_position_embeddings
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=8)  # below HF_T, so that all three frequency bands occur
+# With head_dim 8 and theta 500000, original_max_pos / wavelength is 5.1, 0.19, 0.007, 0.0003 for the four frequencies:
+# one kept (> high), one interpolated, two slowed (< low); Llama 3's own factors (1, 4) would leave no kept one here.
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=0.1, high_freq_factor=4.0,
+              original_max_position_embeddings=32)
 HF_SHAPE = ["--n_layer=5", "--n_head=4"]  # TINY's shape flags replaced by the checkpoint's (n_embd is 32 in both)
 HF_KINDS = {  # each covers what the issue names for it; non-default eps and head_dim where the class allows them
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
