@@ -378,3 +378,10 @@ def test_checkpoint_from_before_the_new_knobs_resumes(tmp_path):
     save_checkpoint(str(out / "ckpt.pt"), ckpt)
     assert train.main([*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--init_from=resume"]) == 0
     assert [r["iter"] for r in read_log(out)[0]] == [1, 2]
+
+
+def test_without_transformers_the_gpt2_export_writes_weights_and_says_how_to_add_the_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes the import raise ImportError
+    info = export_hf(GPT(tiny_config()), str(tmp_path / "hf"), tokenizer="gpt2", eot_token=50256)
+    assert info["tokenizer_files"] == [] and "pip install transformers" in info["tokenizer_note"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["README.md", "config.json", "model.safetensors"]
