@@ -43,8 +43,15 @@ class GPTConfig:
     n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head (plain MHA). Paper: 8 q / 4 kv
     n_embd: int = 128  # model width d
+    head_dim: int = 0  # width of one attention head; 0 = n_embd / n_head (imported models may differ: Mistral-Nemo)
+    qkv_bias: bool = False  # biases on the query/key/value projections: Qwen2's only biases (the paper's models: none)
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 d rounded up to a multiple of 64 (~8 d^2 params)
     rope_theta: float = 10000.0  # rotary embedding base
+    # Llama 3.1's rotary scaling (HF rope_type "llama3"): low frequencies slowed by rope_factor, high ones kept
+    rope_factor: float = 0.0  # 0 = off; Llama 3.1: 8, Llama 3.2: 32
+    rope_low_freq_factor: float = 1.0  # wavelengths above rope_original_max_pos / this are slowed fully (Llama 3: 1)
+    rope_high_freq_factor: float = 4.0  # wavelengths below rope_original_max_pos / this are kept (Llama 3: 4)
+    rope_original_max_pos: int = 8192  # the context the rotary frequencies were trained for (Llama 3: 8192)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = False  # share wte and lm_head weights (the paper's models are untied)
     dropout: float = 0.0  # dropout on attention and residual outputs; 0 for pre-training, as the paper
@@ -66,17 +73,25 @@ class GPTConfig:
     nitp_proj: str = "swiglu"  # projection head: "swiglu" d -> 4d -> d (paper) or "none" (compare h_t itself; worse)
 
     def __post_init__(self):  # check each field as given, derive the 0 / -1 defaults, then check fields together
-        lowest = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_kv_head=0, n_embd=1, mlp_hidden=0,
-                      n_experts=0, nitp_weight=0)
+        lowest = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_kv_head=0, n_embd=1, mlp_hidden=0, head_dim=0,
+                      n_experts=0, nitp_weight=0, rope_factor=0)
         if self.n_experts:  # the MoE fields are read only when MoE is on, so only then checked
             lowest.update(moe_top_k=1, n_shared_experts=0, expert_hidden=0, n_dense_layers=0, moe_aux_weight=0)
         choices = dict(nitp_loss=NITP_LOSSES, nitp_shift=(0, 1), nitp_proj=("swiglu", "none"))
         check_fields(self, lowest, choices)
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be > 0")
+        if self.rope_factor and not (0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                                     and self.rope_original_max_pos > 0):
+            raise ValueError(f"rope_factor={self.rope_factor} needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                             f"and rope_original_max_pos > 0 (Llama 3: 1, 4, 8192)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         self.n_kv_head = self.n_kv_head or self.n_head
+        if self.head_dim % 2 or not self.head_dim and self.n_embd % (2 * self.n_head):  # RoPE rotates channel pairs
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of 2 * n_head={self.n_head} (an even head "
+                             f"width), or set an even head_dim (now {self.head_dim})")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         # ~20% of the n_layer + 1 states 0..n_layer gives the spec's 4 of 17, 5 of 24, 3 of 16 and 6 of 28 (20% of
         # n_layer rounds 17 to 3, its ceiling 16 to 4)
@@ -84,8 +99,6 @@ class GPTConfig:
         self.nitp_layer = auto_layer if self.nitp_layer == -1 else self.nitp_layer
         if self.n_experts and not self.expert_hidden:  # iso-active: K routed + shared experts as wide as the dense MLP
             self.expert_hidden = 16 * math.ceil(self.mlp_hidden / (self.moe_top_k + self.n_shared_experts) / 16)
-        if self.n_embd % (2 * self.n_head):  # rotary embeddings rotate pairs of channels within each head
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of 2 * n_head={self.n_head} (even head width)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if not 0 <= self.nitp_layer < self.n_layer:
@@ -97,10 +110,6 @@ class GPTConfig:
         if self.n_experts and self.n_dense_layers >= self.n_layer:
             raise ValueError(f"n_dense_layers={self.n_dense_layers} must be < n_layer={self.n_layer} so that at least "
                              f"one MoE layer is built (paper: 1); for a dense model set n_experts=0")
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
 
     @property
     def nitp(self):
@@ -118,9 +127,16 @@ class GPTConfig:
         return self.n_experts > 0 and i >= self.n_dense_layers
 
 
-def rotary_tables(head_dim, seq_len, theta):
-    """cos and sin tables, each (seq_len, head_dim/2), for rotating pairs of channels."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rotary_tables(head_dim, seq_len, theta, llama3=None):
+    """cos and sin tables, each (seq_len, head_dim/2), for rotating pairs of channels. llama3: None, or Llama 3.1's
+    scaling as (factor, low_freq_factor, high_freq_factor, original_max_pos)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    if llama3:
+        factor, low, high, original_max_pos = llama3
+        # Wavelengths longer than original_max_pos / low were never seen whole in training: slowed by `factor`;
+        # shorter than original_max_pos / high: kept; in between: interpolated, linear in 1 / wavelength.
+        smooth = ((original_max_pos * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
     return angles.cos(), angles.sin()
 
@@ -135,7 +151,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
 
@@ -274,13 +291,26 @@ class GPT(nn.Module):
     def init_rope(self, device=None):
         """The RoPE tables as buffers, derived so kept out of checkpoints; made again on `device` once a model built
         on the meta device (train.py, FSDP) has storage."""
-        cos, sin = rotary_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+        c = self.config
+        llama3 = (c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_pos)
+        cos, sin = rotary_tables(c.head_dim, c.block_size, c.rope_theta, llama3 if c.rope_factor else None)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:  # qkv_bias
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, overrides=None):
+        """The Hugging Face model in the local folder `path` (Llama, Mistral, Qwen2: see hf.py) with the same logits.
+        overrides: GPTConfig fields that are not architecture (block_size, the nitp_* knobs, dropout)."""
+        from hf import hf_gpt_config, load_hf_weights  # the mapping lives in hf.py, with the export
+        model = cls(hf_gpt_config(path, overrides or {}))
+        load_hf_weights(model, path)
+        return model
 
     def num_params(self, include_head=True):
         head = 0 if include_head or self.nitp_head is None else sum(p.numel() for p in self.nitp_head.parameters())
@@ -378,7 +408,7 @@ class TrainConfig:
     data_dir: str = ""  # explicit dataset folder; overrides `dataset` when set
     train_shards: str = ""  # glob of llm.c / modded-nanogpt .bin shards (GPT-2 ids) to train on instead of a dataset
     val_shards: str = ""  # glob of such shards for validation (both or neither)
-    init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:PATH" (a Hugging Face model folder)
     overwrite: bool = False  # scratch into an out_dir holding a run: delete its log, checkpoint and config first
     wandb_project: str = ""  # also log every log.jsonl record and the config to this wandb project; "" = off
     wandb_run_name: str = ""  # the wandb run's display name; "" = wandb picks one
@@ -423,7 +453,8 @@ class TrainConfig:
                         log_interval=1, total_batch_size=0, warmup_iters=0, lr_decay_iters=0, seed=0, nitp_start_iter=0,
                         min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0, task_eval_interval=0,
                         task_items=0)
-        choices = dict(init_from=("scratch", "resume"), lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
+        choices = dict(init_from=("scratch", "resume", self.init_from if self.init_from[:3] == "hf:" else "hf:PATH"),
+                       lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
                        dtype=("auto", "float32", "bfloat16", "float16"))
         check_fields(self, at_least, choices)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device[:5] == "cuda:" and self.device[5:].isdigit()):

@@ -3,7 +3,7 @@ Generate text from a training checkpoint, or export its weights without the NITP
 
     python sample.py --out_dir=out --start="def main(" --num_samples=2 --max_new_tokens=300
     python sample.py --out_dir=out --export=out/inference.pt      # head-free weights for GPT
-    python sample.py --out_dir=out --export_hf=out/hf             # Hugging Face Llama format
+    python sample.py --out_dir=out --export_hf=out/hf             # Hugging Face folder (Llama or Qwen2), tokenizer too
 
 NITP costs nothing at inference (spec): the projection head is dropped. The exported file holds
 {"model": state dict without nitp_head.*, "model_config": the config with nitp_weight=0}, which
@@ -67,7 +67,7 @@ def main(argv):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--export", default="", help="write the head-free inference weights to this file and exit")
-    p.add_argument("--export_hf", default="", help="write a Hugging Face Llama folder (needs safetensors) and exit")
+    p.add_argument("--export_hf", default="", help="write a Hugging Face folder (weights, tokenizer) and exit")
     p.add_argument("--start", default="\n", help="prompt text; \"\" starts a new document")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -88,12 +88,13 @@ def main(argv):
     model, ckpt = load_model(ckpt_path, args.device)
     data = ckpt.get("data") or {}
     if args.export_hf:
-        from export_hf import ExportError, export_hf
+        from hf import HFError, export_hf
         try:
-            info = export_hf(model, args.export_hf, tokenizer=data.get("tokenizer"), eot_token=data.get("eot_token"))
-        except ExportError as e:
+            info = export_hf(model, args.export_hf, tokenizer=data.get("tokenizer"), eot_token=data.get("eot_token"),
+                             tiktoken_file=args.tiktoken_file)
+        except HFError as e:
             p.error(str(e))
-        print(f"wrote {args.export_hf}: LlamaForCausalLM, {info['n_params'] / 1e6:.2f}M parameters, no nitp_head")
+        print(f"wrote {args.export_hf}: {info['architecture']}, {info['n_params'] / 1e6:.2f}M parameters, no nitp_head")
         print(info["tokenizer_note"])
         return
     from prepare_data import PrepareError, get_tokenizer  # only sampling needs a tokenizer

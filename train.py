@@ -51,6 +51,7 @@ from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
+from hf import HFError, hf_gpt_config, load_hf_weights  # noqa: E402
 from model import (GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,  # noqa: E402
                    load_checkpoint, peak_flops_for, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine  # noqa: E402
@@ -343,10 +344,26 @@ def run(argv, cleanup, progress):
     train_data, val_data, meta, where = load_data(cfg.data_dir or os.path.join("data", cfg.dataset), cfg.train_shards,
                                                   cfg.val_shards)
     vocab = meta["vocab_size"]
-    if model_args.get("vocab_size", vocab) < vocab:
-        raise UsageError(f"vocab_size={model_args['vocab_size']} is below the dataset's {vocab} ids (meta.json): "
-                         f"drop --vocab_size or set it >= {vocab}")
-    mcfg = GPTConfig(**{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
+    # A Hugging Face model (hf.py) fixes the architecture knobs; a resume of such a run reads them from config.json.
+    hf_source = cfg.init_from[3:] if cfg.init_from[:3] == "hf:" else None
+    previous = os.path.join(cfg.out_dir, "config.json")
+    if cfg.init_from == "resume" and os.path.isfile(previous):
+        with open(previous) as f:
+            try:
+                recorded = json.load(f)
+            except ValueError:  # cut short by a crash: the checkpoint's model check below still applies
+                recorded = {}
+        if recorded.get("hf_source"):
+            hf_source, model_args = recorded["hf_source"], {**recorded["model"], **model_args}
+    try:
+        mcfg = hf_gpt_config(hf_source, model_args) if hf_source and cfg.init_from != "resume" else GPTConfig(
+            **{"vocab_size": 64 * math.ceil(vocab / 64), **model_args})  # padded to a multiple of 64
+    except HFError as e:
+        raise UsageError(str(e)) from None
+    if mcfg.vocab_size < vocab:
+        raise UsageError(f"vocab_size={mcfg.vocab_size} is below the dataset's {vocab} ids (meta.json): " + (
+            f"tokenise the data with the model's tokenizer (prepare_data.py --tokenizer=hf:{hf_source})" if hf_source
+            else f"drop --vocab_size or set it >= {vocab}"))
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
         raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")
@@ -383,7 +400,10 @@ def run(argv, cleanup, progress):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist: train with --init_from=scratch first")
         ckpt = load_checkpoint(ckpt_path, required=("model", "model_config", "optimizer", "iter_num"))
         progress["saved"] = ckpt["iter_num"]  # what an interrupt from here on can tell the user to resume from
-        saved, old = ckpt["model_config"], ckpt.get("train_config", {})
+        try:  # through GPTConfig: a checkpoint older than a knob gets its default (head_dim, qkv_bias, rope_factor)
+            saved, old = dataclasses.asdict(GPTConfig(**ckpt["model_config"])), ckpt.get("train_config", {})
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"the model config in {ckpt_path} does not fit this version ({e}): use a new out_dir")
         differing = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {v!r}"
                               for k, v in dataclasses.asdict(mcfg).items() if k != "dropout" and saved.get(k) != v)
         if differing:
@@ -453,13 +473,19 @@ def run(argv, cleanup, progress):
 
     # --- model, sharding, optimizer, and the state to resume
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and under FSDP as without it
-    if cfg.fsdp:  # only rank 0 holds the full weights, on the host: made from the seed or read from the checkpoint
-        full = (ckpt["model"] if ckpt is not None else GPT(mcfg).state_dict()) if master else {}
+
+    def fresh():  # the seed's weights; with --init_from=hf the folder's, the NITP head initialised as in a fresh run
+        new = GPT(mcfg)
+        if hf_source:
+            load_hf_weights(new, hf_source)
+        return new
+    if cfg.fsdp:  # only rank 0 holds the full weights, on the host: made as above or read from the checkpoint
+        full = (ckpt["model"] if ckpt is not None else fresh().state_dict()) if master else {}
         model = sharded_model(mcfg, full, None if dtype == "float32" else ptdtype, cfg.compile,
                               cfg.activation_checkpointing, device)
         del full
     else:
-        model = GPT(mcfg).to(device)
+        model = (GPT(mcfg) if ckpt is not None else fresh()).to(device)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
         for block in model.transformer.h:
@@ -503,7 +529,7 @@ def run(argv, cleanup, progress):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg), "world_size": world_size,
                        "gradient_accumulation_steps": accum, "device": str(device), "dtype": str(ptdtype),
-                       "torch": torch.__version__, "git": git, "argv": argv}, f, indent=2)
+                       "torch": torch.__version__, "git": git, "argv": argv, "hf_source": hf_source}, f, indent=2)
 
     # --- the training loop: `it` counts optimizer steps taken; evaluation and checkpoint come first
     skipped, t0, timed_steps = 0, time.time(), 0  # skipped: non-finite steps in a row
@@ -641,7 +667,7 @@ def main(argv):
                 code = 0
             finally:  # the outcome is known: a late signal (torchrun stopping the other ranks) must not change it
                 ignore_stop_signals()
-    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss, TaskError) as e:
+    except (UsageError, DatasetError, CheckpointError, NonFiniteLoss, TaskError, HFError) as e:
         code = 3 if isinstance(e, NonFiniteLoss) else 2
         if dist.is_initialized() and not progress["agreed"]:  # the other ranks wait for this one's verdict
             try:

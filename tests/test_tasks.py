@@ -100,10 +100,10 @@ def test_tokenisation_rule_on_gpt2():
 def test_loglikelihoods_equal_transformers_on_the_export(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    from export_hf import export_hf
+    from hf import export_hf
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=24, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
-    export_hf(model, str(tmp_path / "hf"), tokenizer="gpt2", eot_token=63)
+    export_hf(model, str(tmp_path / "hf"), eot_token=63)  # weights only: no tokenizer needed
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(1)
     rows = [(torch.randint(0, 63, (n,), generator=g).tolist(), torch.randint(0, 63, (m,), generator=g).tolist())
