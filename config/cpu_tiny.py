@@ -3,6 +3,7 @@ defaults are the README's ~3 minute run).
 
     python train.py config/cpu_tiny.py --nitp_layer=2
 """
+out_dir = "out-cpu_tiny"  # its own folder: a run of another preset (or of the defaults) is not replaced
 n_layer = 4
 n_embd = 64
 n_head = 4
