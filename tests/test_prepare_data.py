@@ -104,7 +104,7 @@ def test_wrong_rank_file_is_refused(tmp_path):
     fake.write_text("IQ== 0\nIg== 1\n")  # a well-formed rank file that is not GPT-2's
     with pytest.raises(PrepareError, match="is not the gpt2 rank file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(fake))
-    with pytest.raises(PrepareError, match="builds gpt2 only"):
+    with pytest.raises(PrepareError, match="builds the gpt2 tokenizer only"):
         pd.get_tokenizer("cl100k_base", tiktoken_file=str(fake))
     with pytest.raises(PrepareError, match="cannot read --tiktoken_file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(tmp_path / "missing.tiktoken"))
