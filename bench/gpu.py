@@ -55,7 +55,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run by path (`python bench/gpu.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model

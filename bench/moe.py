@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run by path (`python bench/moe.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model

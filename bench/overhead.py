@@ -18,7 +18,7 @@ import time
 
 import torch
 
-if __package__ in (None, ""):  # run by path (`python bench/overhead.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, GPTConfig, flops_per_token

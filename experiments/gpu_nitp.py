@@ -50,7 +50,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run by path (`python experiments/gpu_nitp.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_data

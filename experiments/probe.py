@@ -2,7 +2,7 @@
 Look inside trained checkpoints: the geometry of the residual stream layer by layer, how well the NITP
 head predicts the next token's implicit token, and a document-retrieval probe of the final states.
 
-    python -m experiments.probe out                                  # one run, on its own dataset's val split -> out/probe/
+    python -m experiments.probe out                                  # one run, its own val split -> out/probe/
     python -m experiments.probe experiments/ntp_s1_* experiments/nitp_s1_* --out=/tmp/probe
     python -m experiments.probe out/ckpt.pt --data_dir=data/stdlib --docs=128
 
@@ -23,7 +23,8 @@ split of --data_dir, or else the dataset recorded in each checkpoint's train_con
              mean-pooled states keep what identifies a document (its vocabulary, names, topic).
 
 Writes <out>/probe.json, <out>/probe.md (one row per run) and <out>/probe_erank.png (effective rank
-per layer, one line per run; needs matplotlib); <out> is --out, or probe/ in the (first) run's folder. A bad input is one line on stderr and exit code 2.
+per layer, one line per run; needs matplotlib); <out> is --out, or probe/ in the (first) run's
+folder. A bad input is one line on stderr and exit code 2.
 """
 import json
 import math
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run by path (`python experiments/probe.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run by path (`python experiments/run_experiments.py`): the project's modules are one folder up
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train
