@@ -1,8 +1,10 @@
 """prepare_data.py: turn text into the token files that train.py reads.
 
+    python prepare_data.py --input=input.txt        # one text file -> data/input (val: its last 1% of tokens)
     python prepare_data.py                          # stdlib sources -> data/stdlib (byte tokens, offline)
     python prepare_data.py --source=shakespeare     # Tiny Shakespeare, downloaded once into data/downloads/
     python prepare_data.py --input=corpus/ --name=mine --tokenizer=gpt2 --tiktoken_file=gpt2.tiktoken
+    python prepare_data.py --input=corpus/ --name=mine --tokenizer=hf:PATH   # a model's tokenizer.json (tokenizers)
     python prepare_data.py --help                   # every option
 
 Writes <out_dir>/<name>/, read by dataset.py (train.py, the probes): train.bin and val.bin (flat little-endian
@@ -19,7 +21,9 @@ out of the folder (or a glob's fixed folder), empty documents, unreadable files 
 skipped and counted; each invalid UTF-8 byte becomes U+FFFD, counted. Memory stays bounded: ~1M-character chunks,
 at most 4 x --num_proc in flight, long documents in pieces. Split by document: document i (empty ones excluded)
 goes to val when splitmix64(seed, i) / 2**64 < --val_fraction, or with --val_docs=N when its hash is one of the N
-smallest (a first pass counts). Same inputs and options give byte-identical files, whatever --num_proc.
+smallest (a first pass counts). When that leaves a split empty (one text file, a few documents), val is instead the
+last --val_fraction of all tokens, as nanoGPT splits one long text ("split": "tokens" in meta.json). Same inputs and
+options give byte-identical files, whatever --num_proc.
 
 Importable: get_tokenizer (sample.py decodes with it), token_dtype, write_llmc_shard, prepare(PrepareConfig), main.
 """
@@ -39,6 +43,7 @@ import signal
 import sys
 import sysconfig
 import time
+import urllib.parse
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -92,6 +97,7 @@ class TiktokenTokenizer:
     def __init__(self, name: str, encoding):
         self.name, self.encoding = name, encoding
         self.vocab_size, self.eot_token = encoding.n_vocab, encoding.eot_token
+        self.eot_source = "<|endoftext|>, the special token that tiktoken's encodings end a text with"
 
     def encode(self, text: str) -> list[int]:
         # Ordinary: a document that contains the text "<|endoftext|>" must not produce the real eot id.
@@ -105,12 +111,96 @@ class TiktokenTokenizer:
         return self.encoding.decode([int(i) for i in ids])
 
 
-def get_tokenizer(name: str, tiktoken_file: str | None = None) -> TiktokenTokenizer:
-    """The tokenizer called `name`; gpt2 with tiktoken_file reads its BPE ranks from that file, offline."""
-    if name not in TOKENIZERS:
-        raise PrepareError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+class HFTokenizer:
+    """A checkpoint's tokenizer.json, through the tokenizers library, behind TiktokenTokenizer's interface. The id
+    that precedes each document (eot_token) is the tokenizer's BOS, which it puts before a text itself (Llama,
+    SmolLM), so every document starts as the model saw documents start; without a BOS (Qwen2), its EOS, the id that
+    ends each document in such models' pre-training stream."""
+
+    def __init__(self, path: str):
+        tokenizers = need("tokenizers", "an hf:PATH tokenizer")
+        folder = Path(path).parent if Path(path).is_file() else Path(path)
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # a missing file or one tokenizers cannot parse: both are the path's fault
+            raise PrepareError(f"cannot read the tokenizer hf:{path} ({str(err).splitlines()[0][:120]}): give a "
+                               "model folder holding tokenizer.json, or that file") from None
+        if hasattr(self.tokenizer, "encode_special_tokens"):  # "<|endoftext|>" in a document stays text (tiktoken's
+            self.tokenizer.encode_special_tokens = True  # encode_ordinary); tokenizers < 0.15 lack the switch
+        self.name, self.vocab_size = f"hf:{folder.resolve()}", self.tokenizer.get_vocab_size(with_added_tokens=True)
+        specials = {}
+        for file in ("config.json", "tokenizer_config.json"):  # ids in config.json, token strings in the other
+            with contextlib.suppress(OSError, ValueError):
+                for kind, value in json.loads((folder / file).read_text()).items():
+                    value = value.get("content") if isinstance(value, dict) else value  # (an AddedToken dict)
+                    token_id = self.tokenizer.token_to_id(value) if isinstance(value, str) else value
+                    if kind in ("bos_token", "eos_token", "bos_token_id", "eos_token_id") and isinstance(token_id, int):
+                        specials[kind[:3]] = token_id
+        if not specials:
+            raise PrepareError(f"hf:{path} names no BOS or EOS token (bos_token / eos_token in tokenizer_config.json, "
+                               "bos_token_id / eos_token_id in config.json): documents need a separator")
+        kind = "bos" if "bos" in specials else "eos"
+        self.eot_token = specials[kind]
+        self.eot_source = f"{kind}_token {self.tokenizer.id_to_token(self.eot_token)!r}: " + (
+            "the BOS, so each document starts as documents start in the model's pre-training" if kind == "bos" else
+            "the EOS, as the tokenizer names no BOS: it separates documents in such models' pre-training")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.uint32)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def tiktoken_encoding(tiktoken, name: str):
+    """tiktoken's encoding `name`: from its cache, else downloaded if the host answers within seconds. (Left to
+    itself, tiktoken retries an unreachable host for ~50 s before it fails.)"""
+    load = importlib.import_module("tiktoken.load")
+    fetch, missing = load.read_file, []
+
+    def cache_only(blobpath):
+        missing.append(blobpath)
+        raise ConnectionError(f"{blobpath} is not in tiktoken's cache")
+    load.read_file = cache_only
+    try:
+        return tiktoken.get_encoding(name)
+    except ConnectionError:
+        pass
+    finally:
+        load.read_file = fetch
+    if not reachable(urllib.parse.urlsplit(missing[0]).hostname):
+        raise ConnectionError(f"cannot reach {missing[0]}")
+    return tiktoken.get_encoding(name)
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether host accepts a connection on port 443 within timeout seconds, name lookup included (which a socket
+    timeout does not bound: a thread does)."""
+    import socket
+    import threading
+    answered = []
+
+    def connect():
+        with contextlib.suppress(OSError), socket.create_connection((host, 443), timeout=timeout):
+            answered.append(True)
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+def get_tokenizer(name: str, tiktoken_file: str | None = None):
+    """The tokenizer called `name` (a TiktokenTokenizer, or an HFTokenizer for hf:PATH); gpt2 with tiktoken_file reads
+    its BPE ranks from that file, offline. Its errors name only --tiktoken_file, an option of every caller."""
     if tiktoken_file is not None and name != "gpt2":  # tiktoken builds cl100k_base, o200k_base from downloads only
-        raise PrepareError(f"--tiktoken_file needs --tokenizer=gpt2: it builds gpt2 only (leave it out for {name})")
+        raise PrepareError(f"--tiktoken_file builds the gpt2 tokenizer only: leave it out for {name}")
+    if name.startswith("hf:"):
+        return HFTokenizer(name[3:])
+    if name not in TOKENIZERS:
+        raise PrepareError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} or hf:PATH")
     tiktoken = need("tiktoken", "tokenizing")
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     if name == "byte":  # UTF-8 bytes as ids 0..255, eot 256: ranks for the 256 single bytes and no merge
@@ -118,10 +208,12 @@ def get_tokenizer(name: str, tiktoken_file: str | None = None) -> TiktokenTokeni
         ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,64}"
     elif tiktoken_file is None:
         try:
-            return TiktokenTokenizer(name, tiktoken.get_encoding(name))
+            return TiktokenTokenizer(name, tiktoken_encoding(tiktoken, name))
         except Exception as err:  # requests/urllib/OS errors all mean the same thing to the user
-            raise PrepareError(f"the {name} tokenizer files could not be fetched ({type(err).__name__}); offline, "
-                               "use --tokenizer=byte, or gpt2 with --tiktoken_file=PATH/gpt2.tiktoken") from None
+            fix = ("pass --tiktoken_file=PATH/gpt2.tiktoken, a copy of its ranks" if name == "gpt2" else
+                   "run once online so that tiktoken caches them (TIKTOKEN_CACHE_DIR), or use gpt2 tokens")
+            raise PrepareError(f"the {name} tokenizer files could not be fetched ({type(err).__name__}: offline?); "
+                               f"{fix}") from None
     else:
         from tiktoken.load import load_tiktoken_bpe
         try:
@@ -164,7 +256,7 @@ class PrepareConfig:
     inputs: tuple[str, ...] = ()  # files, folders (recursive) and glob patterns, read in the order given
     name: str | None = None  # output folder under out_dir; None: the source name, or the input's stem
     out_dir: str = "data"  # where dataset folders (and downloads/) live
-    tokenizer: str = "byte"  # one of TOKENIZERS (get_tokenizer checks it, and tiktoken_file)
+    tokenizer: str = "byte"  # one of TOKENIZERS, or hf:PATH: a tokenizer.json (get_tokenizer checks tiktoken_file)
     tiktoken_file: str | None = None  # local gpt2 .tiktoken rank file, to build the tokenizer offline
     val_fraction: float = 0.01  # expected share of documents in val (by document hash), in (0, 1)
     val_docs: int | None = None  # exactly this many documents in val instead (overrides val_fraction)
@@ -185,9 +277,13 @@ class PrepareConfig:
             self.name = re.sub(r"(?i)(\.(txt|jsonl|parquet|gz|zst))+$", "", real(fixed_prefix(self.inputs[0])).name)
         self.name = self.name or self.source
         self.txt_split = self.txt_split or ("blank_lines" if self.source == "shakespeare" else "file")
+        if self.tokenizer.startswith("hf:"):  # absolute: meta.json must name it for sample.py, run from anywhere
+            self.tokenizer = f"hf:{os.path.abspath(self.tokenizer[3:])}"
         max_proc = 4 * (os.cpu_count() or 1)
         for ok, problem in [  # nan and inf fail the range comparisons too
             (self.source in SOURCES + ("input",), f"--source={self.source} is not one of {', '.join(SOURCES)}"),
+            (self.tokenizer in TOKENIZERS or self.tokenizer.startswith("hf:"),
+             f"--tokenizer={self.tokenizer} is not one of {', '.join(TOKENIZERS)} or hf:PATH"),
             (all(self.inputs), "--input needs a file, folder or glob pattern, not an empty string"),
             (re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name) and not self.name.endswith(".partial"),
              f"--name={self.name!r} must be a plain folder name (letters, digits, _ . -)"),
@@ -318,13 +414,15 @@ def text_items(fh, origin: str, config: PrepareConfig):
     """The documents of a text file under config.txt_split, one longer than PIECE_CHARS in pieces."""
     end = {"blank_lines": "", "separator": "<|endoftext|>"}.get(config.txt_split)  # a line that ends a document
     lines, size, started = [], 0, False  # the document being read; started: a piece of it was yielded
+    hf = config.tokenizer.startswith("hf:")
     for line in iter(lambda: fh.readline(READLINE_LIMIT), ""):
         if line.strip() == end:
             if lines or started:
                 yield (CONT if started else WHOLE), "".join(lines), origin, 0
             lines, size, started = [], 0, False
             continue
-        if size >= PIECE_CHARS and (size >= HARD_PIECE_CHARS or safe_cut(lines[-1], line)):
+        # (safe_cut knows tiktoken's pre-tokenisers; a tokenizer.json's may join across any cut)
+        if size >= PIECE_CHARS and (size >= HARD_PIECE_CHARS or not hf and safe_cut(lines[-1], line)):
             yield (CONT if started else FIRST), "".join(lines), origin, 0
             lines, size, started = [], 0, True
         lines.append(line)
@@ -427,7 +525,8 @@ def docs_threshold(seed: int, n_docs: int, val_docs: int) -> int:
     """The hash threshold that puts exactly val_docs of n_docs documents in val, in memory O(val_docs)."""
     if val_docs >= n_docs:
         raise PrepareError(f"--val_docs={val_docs} leaves no training document: the corpus has {n_docs} non-empty "
-                           "documents (check --input, --text_field and --txt_split)")
+                           "documents; pass a smaller --val_docs, or leave it out to split by --val_fraction (of the "
+                           "tokens when there are too few documents)")
     smallest = np.zeros(0, dtype=np.uint64)
     for start in range(0, n_docs, 1 << 20):
         block = split_hashes(seed, np.arange(start, min(start + (1 << 20), n_docs)))
@@ -456,12 +555,31 @@ def write_splits(config: PrepareConfig, files, threshold: int, folder: Path, sta
                          bad_json_lines_skipped=len(bad_json), replaced_invalid_bytes=replaced)
             stats["max_token_id"] = max(stats["max_token_id"], int(tokens.max(initial=0)))
             bar.update(len(tokens))
-    if not (documents := stats["train_documents"] + stats["val_documents"]):
+    if not stats["train_documents"] + stats["val_documents"]:
         raise PrepareError(f"empty corpus: no non-empty document in {stats['input_files_read']} files read; check "
                            "--input, --text_field and --txt_split")
-    if not (stats["train_documents"] and stats["val_documents"]):
-        raise PrepareError(f"{'val' if stats['train_documents'] else 'train'} split is empty: --val_fraction="
-                           f"{config.val_fraction} of {documents} documents; pass --val_docs=N or change it")
+    if not (stats["train_documents"] and stats["val_documents"]):  # one long document, or a few: split its tokens
+        split_by_tokens(folder, config.val_fraction, stats)
+
+
+def split_by_tokens(folder: Path, val_fraction: float, stats: Counter) -> None:
+    """Make val the last val_fraction of all tokens (nanoGPT's split of one long text) when the split by document
+    left one split empty: a single file (--txt_split=file), or too few documents for --val_fraction."""
+    if stats["val_tokens"]:  # everything went to val: it becomes the stream that is cut
+        os.replace(folder / "val.bin", folder / "train.bin")
+    n = stats["train_tokens"] + stats["val_tokens"]  # >= 2: a non-empty document is its eot and >= 1 id
+    n_val = min(max(1, round(val_fraction * n)), n - 1)
+    dtype = np.dtype(token_dtype(_tokenizer.vocab_size)).newbyteorder("<")
+    tokens = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
+    tokens[n - n_val:].tofile(folder / "val.bin")  # (written from the map, not copied into memory)
+    val_starts = int((tokens[n - n_val:] == _tokenizer.eot_token).sum())
+    del tokens
+    os.truncate(folder / "train.bin", (n - n_val) * dtype.itemsize)
+    documents = stats["train_documents"] + stats["val_documents"]
+    stats["train_tokens"], stats["val_tokens"] = n - n_val, n_val
+    # the documents that start in each part (val's first, cut, one started in train)
+    stats["train_documents"], stats["val_documents"] = documents - val_starts, val_starts
+    stats["split"] = "tokens"
 
 
 # --- the dataset folder
@@ -517,7 +635,9 @@ def prepare(config: PrepareConfig) -> dict:
         stats = Counter(input_files_read=0, unreadable_files_skipped=0, symlinks_skipped=symlinks_skipped)
         write_splits(config, files, threshold, partial_dir, stats)
         meta = {"format_version": FORMAT_VERSION, "name": config.name, "tokenizer": tokenizer.name,
+                "split": stats.pop("split", "documents"),
                 "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token,
+                "eot_source": tokenizer.eot_source,
                 "dtype": token_dtype(tokenizer.vocab_size), **stats, "recipe": recipe(config)}
         if config.llmc:  # each split copied into llm.c shards of LLMC_SHARD_TOKENS (uint16) tokens
             (partial_dir / "llmc").mkdir()
@@ -558,7 +678,7 @@ def main(argv=None) -> int:
                    help="files, folders or glob patterns: .txt .jsonl (.gz .zst) .parquet")
     p.add_argument("--name", help="dataset folder name under --out_dir (default: source or input stem)")
     p.add_argument("--out_dir", help="where dataset folders (and downloads/) live (default data)")
-    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default byte")
+    p.add_argument("--tokenizer", help=f"{', '.join(TOKENIZERS)} (default byte), or hf:PATH (a model's tokenizer.json)")
     p.add_argument("--tiktoken_file", help="local gpt2.tiktoken rank file: build gpt2 offline")
     p.add_argument("--val_fraction", type=float, help="share of documents in val (default 0.01)")
     p.add_argument("--val_docs", type=int, help="exactly N documents in val instead")
@@ -581,6 +701,8 @@ def main(argv=None) -> int:
         print("prepare_data.py: interrupted; no dataset was written", file=sys.stderr)
         return 130
     notes = "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in m.items() if n and k.endswith(("_skipped", "_bytes")))
+    if m["split"] == "tokens":
+        notes += f"; too few documents to split by document, so val is the last {config.val_fraction:g} of the tokens"
     print(f"wrote {Path(config.out_dir) / config.name} in {time.perf_counter() - start:.1f} s: "
           f"{m['train_documents']:,} train / {m['val_documents']:,} val documents, {m['train_tokens']:,} train / "
           f"{m['val_tokens']:,} val {m['tokenizer']} tokens ({m['dtype']}){notes}")

@@ -56,6 +56,18 @@ def load_model(ckpt_path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def split_documents(ids, eot_token):
+    """ids cut at each end-of-text id (dropped): the documents a sample holds, printed apart instead of the
+    id's literal text ("<|endoftext|>")."""
+    documents = [[]]
+    for i in ids:
+        if i == eot_token:
+            documents.append([])
+        else:
+            documents[-1].append(i)
+    return documents
+
+
 def export_inference(ckpt_path, export_path):
     model, _ = load_model(ckpt_path)
     config = dataclasses.replace(model.config, nitp_weight=0.0)
@@ -75,7 +87,7 @@ def main(argv):
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiktoken_file", default=None, help="local .tiktoken ranks for offline machines")
+    p.add_argument("--tiktoken_file", default=None, help="local gpt2.tiktoken ranks for offline machines")
     args = p.parse_args(argv)
     problem = check_args(args)
     if problem:
@@ -112,7 +124,9 @@ def main(argv):
         # n_tokens: never sample the ids that only pad vocab_size up to a multiple of 64.
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              n_tokens=data["vocab_size"])
-        print(tok.decode(out[0, 0 if args.start else 1:].tolist()))  # prompt and sample, no leading end-of-text
+        # prompt and sample (no leading end-of-text), its documents apart instead of the id's literal text
+        documents = split_documents(out[0, 0 if args.start else 1:].tolist(), data.get("eot_token"))
+        print("\n~~~ end of document ~~~\n".join(tok.decode(ids) for ids in documents))
         print("-" * 60)
 
 

@@ -260,7 +260,7 @@ def resume_command(argv):
     args = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     launch = (["python"] if "RANK" not in os.environ else ["torchrun", "--standalone", f"--nproc_per_node={local}"]
-              if local == int(os.environ["WORLD_SIZE"]) else ["torchrun", "(your --nnodes and --rdzv flags)"])
+              if local == int(os.environ["WORLD_SIZE"]) else ["torchrun", "(your --nnodes and --rdzv_endpoint flags)"])
     return " ".join(launch + [shlex.quote(a) for a in [os.path.relpath(__file__), *args]])
 
 
@@ -362,8 +362,8 @@ def run(argv, cleanup, progress):
         raise UsageError(str(e)) from None
     if mcfg.vocab_size < vocab:
         raise UsageError(f"vocab_size={mcfg.vocab_size} is below the dataset's {vocab} ids (meta.json): " + (
-            f"tokenise the data with the model's tokenizer (prepare_data.py --tokenizer=hf:{hf_source})" if hf_source
-            else f"drop --vocab_size or set it >= {vocab}"))
+            f"drop --vocab_size or set it >= {vocab}" if not hf_source else
+            f"tokenise the data with the model's tokenizer (prepare_data.py --tokenizer=hf:{hf_source})"))
     if min(len(train_data), len(val_data)) < mcfg.block_size + 2:
         raise UsageError(f"block_size={mcfg.block_size} does not fit the data in {where} ({len(train_data)} "
                          f"train / {len(val_data)} val tokens): use a smaller --block_size or prepare more data")

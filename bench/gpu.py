@@ -59,6 +59,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import model
 from model import PEAK_BF16_FLOPS, GPT, MoE, GPTConfig, SwiGLU, flops_per_token, load_checkpoint
 

@@ -17,15 +17,19 @@ the time of the last one.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model
-from model import GPT, GPTConfig
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = ("vocab152k", "gpt2_124m", "tiny")
 VARIANTS = ("plain", "chunked", "chunked+ckpt")  # the loss path, and activation checkpointing on top

@@ -22,6 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import model
 from model import MoE, GPTConfig, SwiGLU, expert_counts, load_balance_loss
 

@@ -11,11 +11,15 @@ ratio NITP step / NTP step (a pair runs back to back, so slow drifts in machine 
 its interquartile range is printed so that the noise is visible next to the result.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, GPTConfig, flops_per_token
 

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,8 +1,9 @@
-"""A model small enough to try every knob on a laptop CPU in under a minute (train.py's own
-defaults are the README's ~3 minute run).
+"""A model small enough to try every knob on a CPU in seconds: 200 steps, validation loss 5.79 -> 2.24, in
+14 s on an idle 2-core x86_64 KVM (bench/RESULTS.md); train.py's own defaults are the README's ~2 minute run.
 
     python train.py config/cpu_tiny.py --nitp_layer=2
 """
+out_dir = "out-cpu_tiny"  # its own folder: a run of another preset (or of the defaults) is not replaced
 n_layer = 4
 n_embd = 64
 n_head = 4

@@ -3,6 +3,7 @@ NITP target layer 5 of 24, lambda 1.0. For GPUs:
 
     torchrun --standalone --nproc_per_node=8 train.py config/dense_0.5b.py --dataset=YOUR_DATASET
 """
+out_dir = "out-dense_0.5b"  # its own folder: a run of another preset (or of the defaults) is not replaced
 n_layer = 24
 n_embd = 896
 n_head = 14

@@ -52,6 +52,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import prepare_data
 from dataset import DatasetError, load_split, read_meta
 from experiments import probe
@@ -383,7 +386,7 @@ def stop(signum, frame):
 def main(argv):
     p_ = ArgumentParser(description=__doc__.strip().splitlines()[0])  # a usage error: one line, exit 2
     p_.add_argument("--tiktoken_file", default=None, help="GPT-2 ranks (gpt2.tiktoken); required unless --smoke")
-    p_.add_argument("--out", default="experiments/gpu", help="folder for the data, the runs, the JSON and the PNG")
+    p_.add_argument("--out", default="out-gpu_nitp", help="folder for the data, the runs, the JSON and the PNG")
     p_.add_argument("--smoke", action="store_true", help="CPU, tiny corpus and model, a few steps")
     p_.add_argument("--seed", type=int, default=1337)
     p_.add_argument("--num_proc", type=int, default=prepare_data.default_num_proc(), help="tokenising processes")

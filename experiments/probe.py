@@ -2,7 +2,7 @@
 Look inside trained checkpoints: the geometry of the residual stream layer by layer, how well the NITP
 head predicts the next token's implicit token, and a document-retrieval probe of the final states.
 
-    python -m experiments.probe out                                  # one run, on its own dataset's val split
+    python -m experiments.probe out                                  # one run, its own val split -> out/probe/
     python -m experiments.probe experiments/ntp_s1_* experiments/nitp_s1_* --out=/tmp/probe
     python -m experiments.probe out/ckpt.pt --data_dir=data/stdlib --docs=128
 
@@ -23,7 +23,8 @@ split of --data_dir, or else the dataset recorded in each checkpoint's train_con
              mean-pooled states keep what identifies a document (its vocabulary, names, topic).
 
 Writes <out>/probe.json, <out>/probe.md (one row per run) and <out>/probe_erank.png (effective rank
-per layer, one line per run; needs matplotlib). A bad input is one line on stderr and exit code 2.
+per layer, one line per run; needs matplotlib); <out> is --out, or probe/ in the (first) run's
+folder. A bad input is one line on stderr and exit code 2.
 """
 import json
 import math
@@ -34,6 +35,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 from nitp import effective_rank, implicit_token_loss, mean_pairwise_cosine
@@ -296,7 +300,7 @@ def main(argv):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0])  # a usage error: one line, exit 2
     p.add_argument("runs", nargs="+", help="run folders (holding ckpt.pt) or ckpt.pt paths")
     p.add_argument("--data_dir", default="", help="prepared dataset to probe on; default: each checkpoint's own")
-    p.add_argument("--out", default="experiments", help="folder for probe.json, probe.md, probe_erank.png")
+    p.add_argument("--out", default="", help="folder for probe.json, probe.md, probe_erank.png (default: RUN/probe)")
     p.add_argument("--docs", type=int, default=256, help="N documents for the retrieval probe (fewer if fewer)")
     p.add_argument("--tokens", type=int, default=8192, help="token states per layer for erank and mean_cos")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (bfloat16 autocast on cuda)")
@@ -321,15 +325,17 @@ def main(argv):
     except (ProbeError, CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe.json"), "w") as f:
+    # Next to the run, never the source tree; a subfolder, as run_experiments caches its own probe.json in the run.
+    out = args.out or os.path.join(os.path.dirname(results[0]["path"]), "probe")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "probe.json"), "w") as f:
         json.dump({"note": PROXY_NOTE, "docs": args.docs, "tokens": args.tokens, "runs": results}, f, indent=2)
     md = table(results)
-    with open(os.path.join(args.out, "probe.md"), "w") as f:
+    with open(os.path.join(out, "probe.md"), "w") as f:
         f.write(md)
     print(md)
-    plot_erank(results, os.path.join(args.out, "probe_erank.png"))
-    print(f"wrote {args.out}/probe.json, probe.md and probe_erank.png")
+    plotted = plot_erank(results, os.path.join(out, "probe_erank.png"))
+    print(f"wrote {out}/probe.json, probe.md{' and probe_erank.png' if plotted else ''}")
     return 0
 
 

@@ -35,6 +35,9 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # run by path, not with -m: the modules it imports are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import tasks
 import train
 from experiments import probe
@@ -252,7 +255,7 @@ def main(argv):
     p.add_argument("--variants", default="ntp,nitp",
                    help=f"comma-separated, or all; from: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N, the same for every variant")
-    p.add_argument("--out", default="experiments", help="folder for the runs, the table and the plot")
+    p.add_argument("--out", default="out-experiments", help="folder for the runs, the table and the plot")
     p.add_argument("--max_iters", type=int, default=0,
                    help="training steps per run; 0 = train.py's default or the config file's (one after -- wins)")
     p.add_argument("--probe_docs", type=int, default=256, help="documents for the retrieval probe; 0 = no probe")

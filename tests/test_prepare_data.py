@@ -104,7 +104,7 @@ def test_wrong_rank_file_is_refused(tmp_path):
     fake.write_text("IQ== 0\nIg== 1\n")  # a well-formed rank file that is not GPT-2's
     with pytest.raises(PrepareError, match="is not the gpt2 rank file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(fake))
-    with pytest.raises(PrepareError, match="builds gpt2 only"):
+    with pytest.raises(PrepareError, match="builds the gpt2 tokenizer only"):
         pd.get_tokenizer("cl100k_base", tiktoken_file=str(fake))
     with pytest.raises(PrepareError, match="cannot read --tiktoken_file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(tmp_path / "missing.tiktoken"))
@@ -117,7 +117,7 @@ def test_offline_tiktoken_gives_one_clear_error(monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
-    with pytest.raises(PrepareError, match="could not be fetched.*--tokenizer=byte.*--tiktoken_file=PATH"):
+    with pytest.raises(PrepareError, match="could not be fetched.*--tiktoken_file=PATH"):
         pd.get_tokenizer("gpt2")
 
 
@@ -180,11 +180,9 @@ def test_val_docs_gives_exactly_n(tmp_path):
     assert (meta["val_documents"], meta["train_documents"]) == (7, 43)
 
 
-def test_empty_val_split_is_an_error(tmp_path):
+def test_too_many_val_docs_is_an_error(tmp_path):  # (an empty split by --val_fraction: tests/test_user_path.py)
     write_docs(tmp_path / "in", ["one\n", "two\n"])
-    with pytest.raises(PrepareError, match="val split is empty.*--val_docs"):
-        prepare(config(tmp_path, [tmp_path / "in"], val_fraction=1e-9))
-    with pytest.raises(PrepareError, match="leaves no training document"):
+    with pytest.raises(PrepareError, match="leaves no training document.*smaller --val_docs"):
         prepare(config(tmp_path, [tmp_path / "in"], val_docs=2))
     assert not (tmp_path / "data").exists()  # not even the out_dir this run created
 
@@ -574,10 +572,10 @@ BAD_INPUTS = [  # (arguments, what the one line must say), in a folder that hold
     (["--input=empty.txt"], "empty corpus"),
     (["--input=bad.jsonl", "--num_proc=2"], "bad.jsonl:1: no field 'text' (found: body)"),  # raised in a worker
     (["--input=ok.txt", "--val_docs=1"], "leaves no training document"),
-    (["--input=ok.txt", "--tokenizer=bert"], "argument --tokenizer: invalid choice: 'bert'"),
+    (["--input=ok.txt", "--tokenizer=bert"], "--tokenizer=bert is not one of byte, gpt2"),
     (["--input=ok.txt", "--tokenizer=gpt2", "--tiktoken_file=missing.tiktoken"], "cannot read --tiktoken_file"),
     (["--input=ok.txt", "--tokenizer=gpt2", "--tiktoken_file=ok.txt"], "is not the gpt2 rank file"),
-    (["--input=ok.txt", "--tiktoken_file=ok.txt"], "--tiktoken_file needs --tokenizer=gpt2"),
+    (["--input=ok.txt", "--tiktoken_file=ok.txt"], "--tiktoken_file builds the gpt2 tokenizer only"),
     (["--input=ok.txt", "--source=stdlib"], "use one of them"),
     (["--input=ok.txt", "--name=../up"], "must be a plain folder name"),
     (["--input=ok.txt", "--bogus=1"], "unrecognized arguments: --bogus=1"),
