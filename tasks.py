@@ -9,7 +9,8 @@ them, during training (`train.py --eval_tasks=own,hellaswag`) and on checkpoints
 A task is a name: `own` (the dataset's own task, built from the validation split, no download), a public task
 (PUBLIC below, read from data/tasks/<name>/), or a .jsonl file whose stem is its name, one item a line:
 {"context": str, "choices": [str, ...], "answer": int} (multiple choice) or {"context": str, "continuation": str}
-(cloze). `NAME:K` puts K solved examples (other items of the task, a fixed seed) before each context.
+(cloze). `NAME:K` puts K solved examples before each context, drawn with a fixed seed from the task's train split
+(PUBLIC's shots file; for a file x.jsonl, x.train.jsonl next to it) or, when it has none, from its other items.
 """
 import json
 import math
@@ -72,21 +73,25 @@ def lambada_item(r, _):
     return {"context": context, "continuation": " " + word}
 
 
-# name -> (file in data/tasks/<name>/, the item reader, [(url, member of a zip or None), ...], chance)
+# name -> (file scored, in data/tasks/<name>/; its train split, where few-shot examples come from (None: the task's
+# other items); the item reader; [(url, member of a zip or None), ...] for both; chance)
+HS, ARC, PIQA = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/",
+                 "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip", "https://yonatanbisk.com/piqa/data/")
+COPA = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/COPA.zip"
 PUBLIC = {
-    "hellaswag": ("hellaswag_val.jsonl", hellaswag_item,
-                  [("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl", None)], .25),
-    "arc_easy": ("ARC-Easy-Test.jsonl", arc_item,
-                 [("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip", "ARC-Easy-Test.jsonl")], .25),
-    "arc_challenge": ("ARC-Challenge-Test.jsonl", arc_item, [
-        ("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip", "ARC-Challenge-Test.jsonl")], .25),
-    "piqa": ("valid.jsonl", piqa_item, [("https://yonatanbisk.com/piqa/data/valid.jsonl", None),
-                                        ("https://yonatanbisk.com/piqa/data/valid-labels.lst", None)], .5),
-    "copa": ("val.jsonl", copa_item, [("https://dl.fbaipublicfiles.com/glue/superglue/data/v2/COPA.zip", "val.jsonl")],
-             .5),
-    # Balanced COPA (Kavumba et al. 2019) ships as COPA's XML; no stable direct link, so it is placed by hand.
-    "balanced_copa": ("balanced-copa.xml", copa_item, [], .5),
-    "lambada": ("lambada_test.jsonl", lambada_item,
+    "hellaswag": ("hellaswag_val.jsonl", "hellaswag_train.jsonl", hellaswag_item,
+                  [(HS + "hellaswag_val.jsonl", None), (HS + "hellaswag_train.jsonl", None)], .25),
+    "arc_easy": ("ARC-Easy-Test.jsonl", "ARC-Easy-Train.jsonl", arc_item,
+                 [(ARC, "ARC-Easy-Test.jsonl"), (ARC, "ARC-Easy-Train.jsonl")], .25),
+    "arc_challenge": ("ARC-Challenge-Test.jsonl", "ARC-Challenge-Train.jsonl", arc_item,
+                      [(ARC, "ARC-Challenge-Test.jsonl"), (ARC, "ARC-Challenge-Train.jsonl")], .25),
+    "piqa": ("valid.jsonl", "train.jsonl", piqa_item, [(PIQA + f, None) for f in (
+        "valid.jsonl", "valid-labels.lst", "train.jsonl", "train-labels.lst")], .5),
+    "copa": ("val.jsonl", "train.jsonl", copa_item, [(COPA, "val.jsonl"), (COPA, "train.jsonl")], .5),
+    # Balanced COPA (Kavumba et al. 2019): COPA's dev set and its mirrored items, in COPA's XML; no train split
+    "balanced_copa": ("balancedcopa-dev-all.xml", None, copa_item, [
+        ("https://raw.githubusercontent.com/Balanced-COPA/Balanced-COPA/master/balancedcopa-dev-all.xml", None)], .5),
+    "lambada": ("lambada_test.jsonl", None, lambada_item,
                 [("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl", None)], 0.0),
 }
 
@@ -131,9 +136,9 @@ def check_item(item, where):
 
 def read_text_task(path, reader=None):
     """The checked text items of a task file; reader maps a public format's record to an item."""
-    labels = []  # PIQA keeps its labels in a separate file next to the items
-    if reader is piqa_item and os.path.isfile(os.path.join(os.path.dirname(path), "valid-labels.lst")):
-        with open(os.path.join(os.path.dirname(path), "valid-labels.lst")) as f:
+    labels = []  # PIQA keeps its labels in a separate file next to the items: valid.jsonl's in valid-labels.lst
+    if reader is piqa_item and os.path.isfile(path.removesuffix(".jsonl") + "-labels.lst"):
+        with open(path.removesuffix(".jsonl") + "-labels.lst") as f:
             labels = f.read().split()
     items = []
     for i, (n, record) in enumerate(read_records(path)):
@@ -159,17 +164,21 @@ def encode_pair(encode, context, continuation):
     return head, whole[len(head):]
 
 
-def with_shots(items, k, seed):
-    """Each item's context preceded by k solved other items of the task, blank-line separated, drawn with `seed`."""
+def with_shots(items, k, seed, pool=None):
+    """Each item's context preceded by k solved examples, blank-line separated, drawn with `seed` from `pool` (the
+    task's train split) or, when None, from the task's other items."""
     if k == 0:
         return items
-    if k >= len(items):
+    if pool is not None and k > len(pool):
+        raise TaskError(f"{k}-shot needs {k} examples in the task's train split, it has {len(pool)}")
+    if pool is None and k >= len(items):
         raise TaskError(f"{k}-shot needs more than {k} items in the task, it has {len(items)}")
     rng, out = random.Random(seed), []
     for i, item in enumerate(items):
-        shots = [j for j in rng.sample(range(len(items)), k + 1) if j != i][:k]
-        solved = [items[j]["context"] + (items[j]["continuation"] if "continuation" in items[j] else
-                                         items[j]["choices"][items[j]["answer"]]) for j in shots]
+        shots = (rng.sample(pool, k) if pool is not None else
+                 [items[j] for j in rng.sample(range(len(items)), k + 1) if j != i][:k])
+        solved = [x["context"] + (x["continuation"] if "continuation" in x else x["choices"][x["answer"]])
+                  for x in shots]
         out.append({**item, "context": "\n\n".join(solved + [item["context"]])})
     return out
 
@@ -231,24 +240,26 @@ def load_tasks(spec, val, meta, block_size, max_items=0, seed=1337, tokenizer=No
             tasks.append(own_task(val, meta.get("eot_token"), block_size, max_items or 1000, seed, nbytes))
             continue
         if name in PUBLIC:
-            file, reader, sources, chance = PUBLIC[name]
-            path = os.path.join(cache, name, file)
-            if not os.path.isfile(path):
-                get = (f"run `python tasks.py --download={name}` (from {sources[0][0]})" if sources else
-                       "take it from https://github.com/Balanced-COPA/Balanced-COPA")
-                raise TaskError(f"task {name} needs {path}, which is missing: {get}")
+            file, shots_file, reader, sources, chance = PUBLIC[name]
+            path, shots = (os.path.join(cache, name, f) if f else None for f in (file, shots_file))
+            for needed in [path] + ([shots] if int(k) and shots else []):
+                if not os.path.isfile(needed):
+                    raise TaskError(f"task {name}{':' + k if needed == shots else ''} needs {needed}, which is "
+                                    f"missing: run `python tasks.py --download={name}` (from {sources[0][0]})")
         elif name.endswith(".jsonl") or os.path.isfile(name):
-            path, reader, chance = name, None, None
+            path, reader, chance, shots = name, None, None, name.removesuffix(".jsonl") + ".train.jsonl"
             name = os.path.splitext(os.path.basename(name))[0]
             if not os.path.isfile(path):
                 raise TaskError(f"task file {path} does not exist: give an existing .jsonl file")
+            shots = shots if os.path.isfile(shots) else None  # no train split: the task's other items
         else:
             raise TaskError(f"unknown task {name!r}: give a .jsonl file or one of own, {', '.join(PUBLIC)}")
         if tokenizer is None:
             raise TaskError(f"task {name} is text and the dataset's tokenizer {meta.get('tokenizer')!r} is not "
                             f"available: pass --tiktoken_file for gpt2")
         items = read_text_task(path, reader)
-        items = with_shots(items, int(k), seed)[:max_items or None]
+        pool = read_text_task(shots, reader) if int(k) and shots else None
+        items = with_shots(items, int(k), seed, pool)[:max_items or None]
         if chance is None:
             chance = 0.0 if "continuation" in items[0] else float(np.mean([1 / len(x["choices"]) for x in items]))
         tasks.append(encode_task(name, items, tokenizer.encode, block_size, chance))
@@ -346,8 +357,9 @@ def download(name, cache=CACHE):
     import zipfile
     folder = os.path.join(cache, name)
     os.makedirs(folder, exist_ok=True)
-    for url, member in PUBLIC[name][2]:
-        data = urllib.request.urlopen(url, timeout=60).read()
+    fetched = {}  # a zip holding several of the files is fetched once
+    for url, member in PUBLIC[name][3]:
+        data = fetched[url] = fetched.get(url) or urllib.request.urlopen(url, timeout=60).read()
         if member:
             with zipfile.ZipFile(io.BytesIO(data)) as z:
                 data = z.read(next(m for m in z.namelist() if os.path.basename(m) == member))
@@ -368,10 +380,9 @@ if __name__ == "__main__":
     p = ArgumentParser(description="Download public tasks into data/tasks/.")
     p.add_argument("--download", required=True, help=f"comma-separated, of {', '.join(PUBLIC)}")
     names = [n for n in p.parse_args().download.split(",") if n]
-    bad = [n for n in names if n not in PUBLIC or not PUBLIC[n][2]]
+    bad = [n for n in names if n not in PUBLIC]
     if bad:
-        print(f"error: cannot download {', '.join(bad)}: choose from "
-              f"{', '.join(n for n in PUBLIC if PUBLIC[n][2])}", file=sys.stderr)
+        print(f"error: cannot download {', '.join(bad)}: choose from {', '.join(PUBLIC)}", file=sys.stderr)
         sys.exit(2)
     for n in names:
         try:

@@ -228,11 +228,41 @@ def test_public_task_from_the_cache_and_its_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("args, why", [(["--download=bogus"], "cannot download bogus"),
-                                       (["--download=balanced_copa"], "cannot download balanced_copa"),
+                                       (["--download=own"], "cannot download own"),
                                        ([], "--download")])
 def test_download_refuses_what_it_cannot_fetch(args, why):
     out = run_script("tasks.py", *args, timeout=60)
     assert out.returncode == 2 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_few_shot_examples_come_from_the_train_split(tmp_path):
+    """Where a task has a train split, its examples are drawn from it, never from the items scored; without the
+    split's file a k-shot run is refused (a silent fallback would change what the numbers mean)."""
+    meta, tok = {"eot_token": 256}, get_tokenizer("byte")
+    arc = lambda q, a: {"question": {"stem": q, "choices": [{"text": "no", "label": "A"},  # noqa: E731
+                                                            {"text": a, "label": "B"}]}, "answerKey": "B"}
+    (tmp_path / "arc_easy").mkdir()
+    write_lines(tmp_path / "arc_easy" / PUBLIC["arc_easy"][0], [arc(f"test{i}?", f"t{i}") for i in range(4)])
+    [zero] = load_tasks("arc_easy", None, meta, 256, tokenizer=tok, cache=str(tmp_path))  # 0-shot needs no split
+    with pytest.raises(TaskError, match=r"task arc_easy:2 needs .*ARC-Easy-Train.jsonl, which is missing: run "
+                                        r"`python tasks.py --download=arc_easy`"):
+        load_tasks("arc_easy:2", None, meta, 256, tokenizer=tok, cache=str(tmp_path))
+    train = [arc(f"train{i}?", f"r{i}") for i in range(5)]
+    write_lines(tmp_path / "arc_easy" / PUBLIC["arc_easy"][1], train)
+    [task] = load_tasks("arc_easy:2", None, meta, 256, tokenizer=tok, cache=str(tmp_path))
+    solved = {f"Question: train{i}?\nAnswer: r{i}" for i in range(5)}
+    for (context, *_), (plain, *_) in zip(task.items, zero.items):
+        parts = bytes(context).decode().split("\n\n")
+        assert len(parts) == 3 and set(parts[:2]) <= solved and parts[2] == bytes(plain).decode()
+    again = load_tasks("arc_easy:2", None, meta, 256, tokenizer=tok, cache=str(tmp_path))[0]
+    assert again.items == task.items  # a fixed seed
+    with pytest.raises(TaskError, match="6-shot needs 6 examples in the task's train split, it has 5"):
+        load_tasks("arc_easy:6", None, meta, 256, tokenizer=tok, cache=str(tmp_path))
+    # a file x.jsonl takes its examples from x.train.jsonl when there is one
+    path = write_lines(tmp_path / "mine.jsonl", [{"context": "x", "choices": ["a", "b"], "answer": 1}])
+    write_lines(tmp_path / "mine.train.jsonl", [{"context": "p", "choices": ["q", "r"], "answer": 0}])
+    [mine] = load_tasks(path + ":1", None, meta, 64, tokenizer=tok)
+    assert mine.items[0][0] == list(b"pq\n\nx")
 
 
 def test_generic_jsonl_task_and_its_chance(tmp_path):
