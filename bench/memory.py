@@ -13,7 +13,9 @@ so that one's allocations cannot hide another's: on the CPU the figure is the pr
 (ru_maxrss, everything: weights, AdamW state, the allocator's slack), on CUDA torch.cuda.max_memory_allocated.
 `loss` is the forward and backward of the loss alone from random final states (N tokens x d), its peak above the
 inputs; `step` is --steps training steps (forward, backward, AdamW), fp32 on the CPU, bf16 autocast on CUDA, and
-the time of the last one.
+the time of the last one. --paired_rounds=N adds the step's time as the issue asks for it: plain and chunked steps
+alternated in one process on one model and batch, the median of N per-round ratios (a single process's
+drift, and another job's load, cancel in a ratio of neighbours).
 """
 import argparse
 import json
@@ -102,6 +104,37 @@ def measure(shape, what, variant, batch_size, block_size, steps, device):
     print(json.dumps({"peak_gb": (peak_bytes(device) - base) / 1e9, "ms": ms}))
 
 
+def paired_step_ratio(shape, batch_size, block_size, rounds, device):
+    """Median over `rounds` of (chunked step time / plain step time), the two steps run back to back in one process
+    on one model and batch (after one untimed step of each), with their times."""
+    device = torch.device(device)
+    cfg, chunked = shape_config(shape, block_size), model.linear_cross_entropy
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(0)
+    gpt = GPT(cfg).to(device)
+    opt = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=device)
+
+    def step(loss_fn):
+        model.linear_cross_entropy = loss_fn  # what GPT.forward calls
+        t0 = time.perf_counter()
+        with ctx:
+            _, losses = gpt(idx, idx)
+        losses["total"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    try:
+        step(plain_cross_entropy), step(chunked)  # warm-up: allocator, kernels, AdamW state
+        pairs = [(step(plain_cross_entropy), step(chunked)) for _ in range(rounds)]
+    finally:
+        model.linear_cross_entropy = chunked
+    ratios = sorted(c / p for p, c in pairs)
+    return {"ratio": ratios[len(ratios) // 2], "plain_s": [p for p, _ in pairs], "chunked_s": [c for _, c in pairs]}
+
+
 def measure_in_subprocess(shape, what, variant, batch_size, block_size, steps, device, timeout):
     """measure(...) in a fresh Python process (bench/gpu.py's memory section calls it too)."""
     code = (f"from bench.memory import measure; measure({shape!r}, {what!r}, {variant!r}, {batch_size}, "
@@ -127,12 +160,14 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="training steps per step measurement; the last is timed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=int, default=900, help="seconds for one measurement's process")
+    p.add_argument("--paired_rounds", type=int, default=0,
+                   help="also time plain against chunked steps alternated in one process, this many rounds (0 = off)")
     args = p.parse_args()
     shapes = args.shapes.split(",")
     if set(shapes) - set(SHAPES):
         p.error(f"--shapes: unknown {','.join(sorted(set(shapes) - set(SHAPES)))}; choose from {','.join(SHAPES)}")
-    if min(args.batch_size, args.block_size, args.steps, args.timeout) < 1:
-        p.error("--batch_size, --block_size, --steps and --timeout must be >= 1")
+    if min(args.batch_size, args.block_size, args.steps, args.timeout) < 1 or args.paired_rounds < 0:
+        p.error("--batch_size, --block_size, --steps and --timeout must be >= 1, --paired_rounds >= 0")
     if args.device not in ("cpu", "cuda") or args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device={args.device}: use cpu, or cuda on a machine with a CUDA GPU")
     unit = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
@@ -140,6 +175,7 @@ def main():
           f"{'fp32' if args.device == 'cpu' else 'bf16 autocast'}; memory = {unit} (loss: above its inputs)")
     print("| shape | what | variant | peak GB | vs plain | ms | vs plain |")
     print("|---|---|---|---|---|---|---|")
+    plain = None  # each kind's plain row, the ratios' denominator (measurements() gives it first)
     for shape in shapes:
         for what, variant in measurements():
             try:
@@ -150,6 +186,11 @@ def main():
             plain = r if variant == "plain" else plain
             print(f"| {shape} | {what} | {variant} | {r['peak_gb']:.2f} | {r['peak_gb'] / plain['peak_gb']:.2f} "
                   f"| {r['ms']:.0f} | {r['ms'] / plain['ms']:.2f} |", flush=True)
+    for shape in shapes if args.paired_rounds else []:
+        r = paired_step_ratio(shape, args.batch_size, args.block_size, args.paired_rounds, args.device)
+        print(f"{shape}: a training step with the chunked loss takes {r['ratio']:.3f}x the plain one's time (median "
+              f"of {args.paired_rounds} paired rounds in one process; plain "
+              f"{', '.join(f'{t:.2f}' for t in r['plain_s'])} s, chunked {', '.join(f'{t:.2f}' for t in r['chunked_s'])} s)")
 
 
 if __name__ == "__main__":

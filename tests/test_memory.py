@@ -296,3 +296,13 @@ def test_bad_memory_bench_options_are_one_line_exit_2(args):
     out = run_script("-m", "bench.memory", *args, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+
+
+def test_paired_step_ratio_is_the_median_of_its_rounds_and_restores_the_loss():
+    import model
+    from bench.memory import paired_step_ratio
+    chunked = model.linear_cross_entropy
+    r = paired_step_ratio("tiny", 2, 16, 3, "cpu")
+    assert model.linear_cross_entropy is chunked  # the plain loss never leaks into later training in the process
+    assert len(r["plain_s"]) == len(r["chunked_s"]) == 3
+    assert r["ratio"] == sorted(c / p for p, c in zip(r["plain_s"], r["chunked_s"]))[1]
