@@ -1,6 +1,6 @@
 """
 GPT with the NITP projection head, in reading order: the model's config, the blocks, GPT (its forward holds the
-NITP lines); then what training needs (its config, FLOPs, checkpoint files); last the mixture-of-experts machinery
+NITP lines); then what training needs (FLOPs, checkpoint files); last the mixture-of-experts machinery
 (routing, then the grouped-matmul custom ops). The scripts are train.py (training) and sample.py (generation, export).
 
 A modern decoder like the paper's models (spec, "Architecture"): RMSNorm, rotary position embeddings, grouped-query
@@ -397,78 +397,8 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: its knobs (train.py maps `--key=value` flags and config files onto them and onto GPTConfig),
-# the FLOPs per token and the GPU peaks that MFU is measured against.
-
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"  # log.jsonl, ckpt.pt and config.json go here
-    dataset: str = "stdlib"  # data/<dataset>/ made by prepare_data.py (stdlib = the embedded default corpus)
-    data_dir: str = ""  # explicit dataset folder; overrides `dataset` when set
-    train_shards: str = ""  # glob of llm.c / modded-nanogpt .bin shards (GPT-2 ids) to train on instead of a dataset
-    val_shards: str = ""  # glob of such shards for validation (both or neither)
-    init_from: str = "scratch"  # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:PATH" (a Hugging Face model folder)
-    overwrite: bool = False  # scratch into an out_dir holding a run: delete its log, checkpoint and config first
-    wandb_project: str = ""  # also log every log.jsonl record and the config to this wandb project; "" = off
-    wandb_run_name: str = ""  # the wandb run's display name; "" = wandb picks one
-    # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps * world_size
-    batch_size: int = 16  # sequences per micro-step per process
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step per process
-    total_batch_size: int = 0  # tokens per optimizer step over all processes; 0 = as above, else derives the accumulation
-    max_iters: int = 600  # optimizer steps (not micro-steps)
-    # AdamW (spec: betas (0.9, 0.95), weight decay 0.1, clip 1.0)
-    learning_rate: float = 2e-3  # peak lr (paper: 4.2e-4 to 8.7e-4 at scale; tiny models take more)
-    min_lr: float = 2e-4  # lr at the end of the decay
-    weight_decay: float = 0.1  # on matrices only
-    beta1: float = 0.9  # in [0, 1)
-    beta2: float = 0.95  # in [0, 1)
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    # schedule: warmup-stable-decay as in the paper, or cosine
-    lr_schedule: str = "wsd"  # "wsd" (paper) or "cosine"
-    warmup_iters: int = 50  # linear warmup steps (paper: 2000)
-    decay_frac: float = 0.2  # wsd: fraction of lr_decay_iters spent decaying to min_lr (paper: last 20%)
-    lr_decay_iters: int = 0  # step at which the schedule ends; 0 = max_iters
-    # evaluation and logging
-    eval_interval: int = 100  # evaluate and checkpoint every this many steps (and at the end)
-    eval_iters: int = 20  # validation batches, the same fixed ones at every evaluation
-    log_interval: int = 10  # print and log a training record every this many steps
-    eval_tasks: str = ""  # downstream tasks (tasks.py), comma-separated: "own,hellaswag,my.jsonl,piqa:5"; "" = none
-    task_eval_interval: int = 0  # score them every this many steps (and at the end); 0 = at every evaluation
-    task_items: int = 200  # items per task (the first ones; the own task draws this many); 0 = all
-    tiktoken_file: str = ""  # local gpt2.tiktoken ranks, for text tasks on a gpt2 dataset offline
-    # system
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
-    compile: bool = False  # torch.compile the model (worth it on GPU; ~20 s of compile on CPU)
-    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state (for models DDP cannot fit)
-    seed: int = 1337  # weights, data order and dropout; >= 0
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" (exit 3) or "skip" the step
-    peak_flops: float = 0.0  # per-GPU peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS (bf16/fp16 runs only)
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more block compute
-    nitp_start_iter: int = 0  # NITP weight 0 before this step (paper: 0; a late start of 1k-3k steps is worse)
-
-    def __post_init__(self):  # every number finite and in range, every choice one of its values
-        at_least = dict(batch_size=1, gradient_accumulation_steps=1, max_iters=1, eval_interval=1, eval_iters=1,
-                        log_interval=1, total_batch_size=0, warmup_iters=0, lr_decay_iters=0, seed=0, nitp_start_iter=0,
-                        min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0, task_eval_interval=0,
-                        task_items=0)
-        choices = dict(init_from=("scratch", "resume", self.init_from if self.init_from[:3] == "hf:" else "hf:PATH"),
-                       lr_schedule=("wsd", "cosine"), on_nonfinite=("stop", "skip"),
-                       dtype=("auto", "float32", "bfloat16", "float16"))
-        check_fields(self, at_least, choices)
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device[:5] == "cuda:" and self.device[5:].isdigit()):
-            raise ValueError(f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
-        if self.learning_rate <= 0 or self.min_lr > self.learning_rate:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and >= min_lr={self.min_lr}")
-        if self.overwrite and self.init_from == "resume":
-            raise ValueError("overwrite=True deletes the run in out_dir, init_from=resume continues it: pass one")
-        if self.wandb_run_name and not self.wandb_project:
-            raise ValueError(f"wandb_run_name={self.wandb_run_name!r} names a run in a wandb project: set wandb_project")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.decay_frac <= 1):
-            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1), "
-                             f"decay_frac={self.decay_frac} in [0, 1]")
-
+# Training's cost: the FLOPs per token and the GPU peaks that MFU is measured against (the training knobs are
+# TrainConfig in configurator.py).
 
 def flops_per_token(config):
     """Training FLOPs per token, counted as 6 x parameters touched (spec, Appendix G): attention projections,

@@ -75,8 +75,9 @@ def lambada_item(r, _):
 
 # name -> (file scored, in data/tasks/<name>/; its train split, where few-shot examples come from (None: the task's
 # other items); the item reader; [(url, member of a zip or None), ...] for both; chance)
-HS, ARC, PIQA = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/",
-                 "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip", "https://yonatanbisk.com/piqa/data/")
+HS = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+ARC = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
+PIQA = "https://yonatanbisk.com/piqa/data/"
 COPA = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/COPA.zip"
 PUBLIC = {
     "hellaswag": ("hellaswag_val.jsonl", "hellaswag_train.jsonl", hellaswag_item,

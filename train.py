@@ -5,20 +5,16 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
     python train.py config/cpu_tiny.py --nitp_weight=0      # a preset, then a flag: here the NTP baseline
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
-Knobs are the fields of TrainConfig and GPTConfig in model.py: `--key=value` sets one, a config file of `key = value`
-lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
+Knobs are the fields of TrainConfig (configurator.py) and GPTConfig (model.py): `--key=value` sets one, a config
+file of `key = value` lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
 and config.json (a fresh run refuses a folder holding a run unless --overwrite=true); `--init_from=resume` continues
 ckpt.pt with the same data, dropout masks and loss scale. `--wandb_project=NAME` mirrors the log to wandb.
 Reading order: the command line, the schedule, evaluation, then run(): the setup, then the loop in the order it runs.
 """
-import argparse
-import ast
 import dataclasses
-import difflib
 import fcntl
 import gc
 import inspect
-import io
 import json
 import math
 import os
@@ -28,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import tokenize
 from contextlib import ExitStack, contextmanager, nullcontext
 
 
@@ -47,19 +42,15 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from configurator import UsageError, check_fits, parse_args  # noqa: E402
 from dataset import DatasetError, batch_offsets, get_batch, load_data, val_offsets  # noqa: E402
 from hf import HFError, hf_gpt_config, load_hf_weights  # noqa: E402
-from model import (GPT, CheckpointError, GPTConfig, TrainConfig, expert_balance_stats, flops_per_token,  # noqa: E402
+from model import (GPT, CheckpointError, GPTConfig, expert_balance_stats, flops_per_token,  # noqa: E402
                    load_checkpoint, peak_flops_for, save_checkpoint)
 from nitp import effective_rank, mean_pairwise_cosine  # noqa: E402
 from tasks import TaskError, load_tasks, log_record, score_tasks  # noqa: E402
-
-
-class UsageError(Exception):
-    """What the user asked for cannot work: one line, exit code 2."""
 
 
 class RankError(UsageError):
@@ -71,90 +62,6 @@ class NonFiniteLoss(Exception):
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite=skip: more skipped steps than this in a row means broken weights
-
-
-# --- command line: python train.py [config/file.py ...] [--key=value ...]
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2 (in main), instead of a usage block
-        raise UsageError(message)
-
-
-def converter(name, typ):
-    """--name's text -> typ, with an error that says what was expected."""
-    truth = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-    def convert(text):
-        try:
-            return truth[text.lower()] if typ is bool else typ(text)
-        except (KeyError, ValueError):
-            raise argparse.ArgumentTypeError(f"--{name}={text}: expected {'true/false' if typ is bool else typ.__name__}")
-    return convert
-
-
-def read_config_file(path):
-    """A config file's `key = literal` lines as flags ["--key=value", ...]; nothing in it is executed (nanoGPT execs)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            body = ast.parse(f.read(), filename=path).body
-    except (OSError, SyntaxError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or a NUL byte
-        why = "it is not UTF-8 text, save it as UTF-8" if isinstance(e, UnicodeDecodeError) else e
-        raise UsageError(f"cannot read config file {path}: {why}") from None
-    flags = []
-    for node in body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        try:  # TypeError: an unhashable literal ({[1]: 2}); a chained `a = b = 1` would set only `a`
-            if len(node.targets) != 1:
-                raise ValueError
-            flags.append(f"--{node.targets[0].id}={ast.literal_eval(node.value)}")
-        except (AttributeError, ValueError, TypeError, RecursionError):  # not `name = literal`
-            raise UsageError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file") from None
-    return flags
-
-
-def field_comments(cls):
-    """{field: the comment on its line} of a config dataclass in model.py: --help shows the text written there once."""
-    source = inspect.getsource(cls)
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    return {node.target.id: comments.get(node.end_lineno, "") for node in ast.parse(source).body[0].body
-            if isinstance(node, ast.AnnAssign)}
-
-
-def parse_args(argv):
-    """-> (TrainConfig, dict of GPTConfig overrides): the config files in order, then the flags, which win."""
-    fields = dataclasses.fields(TrainConfig) + dataclasses.fields(GPTConfig)
-    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                            usage="python train.py [config/file.py ...] [--key=value ...]")
-    parser.add_argument("config_files", nargs="*", help="config files of `key = value` lines (see config/)")
-    for cls, title in ((TrainConfig, "training"), (GPTConfig, "model")):
-        group, comments = parser.add_argument_group(f"{title} ({cls.__name__} in model.py)"), field_comments(cls)
-        for f in dataclasses.fields(cls):  # argparse formats help with %, so a literal % is doubled
-            group.add_argument(f"--{f.name}", type=converter(f.name, type(f.default)), default=argparse.SUPPRESS,
-                               metavar=type(f.default).__name__.upper(),
-                               help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
-
-    def parse(args, source):  # -> {knob: value}; an unknown knob or a bad value is reported with where it came from
-        try:
-            known, unknown = parser.parse_known_args(args)
-        except UsageError as e:
-            raise UsageError(f"{source}{e}") from None
-        if unknown:
-            close = difflib.get_close_matches(unknown[0].lstrip("-").partition("=")[0], [f.name for f in fields], n=1)
-            raise UsageError(f"{source}unknown knob or argument '{unknown[0]}'" + (
-                f" (did you mean --{close[0]}?)" if close else " (see TrainConfig and GPTConfig in model.py)"))
-        return {k: v for k, v in vars(known).items() if k != "config_files"}
-    values = {}
-    for path in parser.parse_known_args(argv)[0].config_files:
-        values.update(parse(read_config_file(path), f"{path}: "))
-    values.update(parse(argv, ""))  # flags override files
-    try:
-        cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
-        model_args = {k: v for k, v in values.items() if k not in TrainConfig.__dataclass_fields__}
-        GPTConfig(**model_args)  # check the model knobs now, before any data is read
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return cfg, model_args
 
 
 # --- schedule, evaluation, the log
@@ -206,42 +113,6 @@ def geometry(raw_model, x, ctx, max_tokens=8192):
     states = seen[0].reshape(-1, seen[0].size(-1)).float()  # (B, T, C) -> (B*T, C)
     states = states[::max(1, states.size(0) // max_tokens)][:max_tokens]
     return {"erank": effective_rank(states), "mean_cos": mean_pairwise_cosine(states)}
-
-
-def matmul_flops(device, dtype):
-    """FLOP/s of a square matmul in the training dtype, on all threads: a rough ceiling on what training reaches.
-    Timer synchronizes an accelerator around what it times."""
-    n = 4096 if device.type == "cuda" else 512
-    timer = Timer("a @ a", globals={"a": torch.randn(n, n, device=device, dtype=dtype)},
-                  num_threads=torch.get_num_threads())
-    return 2 * n ** 3 / timer.timeit(3).median
-
-
-def duration(seconds):
-    for size, unit in ((86400, "days"), (3600, "h"), (60, "min")):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.1f} s"
-
-
-def check_fits(n_params, flops_per_step, cfg, device, dtype, world_size, say):
-    """Refuse a model whose weights, gradients and AdamW state (16 bytes a parameter) exceed this device's memory; say
-    when even the device's matmul speed makes a step take minutes or the run days (a 0.5B model on a CPU)."""
-    if device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:  # the processes of one node share its memory
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = 16 * n_params / (world_size if cfg.fsdp else 1)
-    if need > memory:
-        raise UsageError(f"{n_params / 1e9:.2f}B parameters need at least {need / 2**30:.1f} GiB per process for "
-                         f"weights, gradients and AdamW state, more than this {device.type}'s {memory / 2**30:.1f} "
-                         "GiB: use a smaller model, --fsdp=true over more GPUs, or a bigger machine")
-    speed = matmul_flops(device, dtype)
-    step = flops_per_step / world_size / speed
-    if step > 60 or step * cfg.max_iters > 86400:
-        say(f"notice: at least {duration(step)} per step here ({speed / 1e12:.2f} TFLOP/s per {device.type} on a "
-            f"matmul), {duration(step * cfg.max_iters)} for max_iters={cfg.max_iters}: this config wants faster or "
-            "more devices, or a smaller config such as config/cpu_tiny.py; Ctrl-C stops it")
 
 
 def agree_on_setup(error):

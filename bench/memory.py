@@ -47,7 +47,7 @@ def shape_config(shape, block_size):
         big = shape == "vocab152k"
         return GPTConfig(n_layer=2, n_embd=256 if big else 32, n_head=4, vocab_size=152064 if big else 512,
                          block_size=block_size)
-    from train import parse_args  # the preset read as train.py reads it; GPT-2's vocabulary as its shards give it
+    from configurator import parse_args  # the preset read as train.py reads it; GPT-2's vocabulary as its shards give it
     model_args = parse_args([f"config/{shape}.py"])[1]
     return GPTConfig(**{"vocab_size": 50304, **model_args, "block_size": block_size})
 
@@ -190,7 +190,7 @@ def main():
         r = paired_step_ratio(shape, args.batch_size, args.block_size, args.paired_rounds, args.device)
         print(f"{shape}: a training step with the chunked loss takes {r['ratio']:.3f}x the plain one's time (median "
               f"of {args.paired_rounds} paired rounds in one process; plain "
-              f"{', '.join(f'{t:.2f}' for t in r['plain_s'])} s, chunked {', '.join(f'{t:.2f}' for t in r['chunked_s'])} s)")
+              f"{' '.join(f'{t:.2f}' for t in r['plain_s'])} s, chunked {' '.join(f'{t:.2f}' for t in r['chunked_s'])} s)")
 
 
 if __name__ == "__main__":

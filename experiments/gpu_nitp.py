@@ -60,7 +60,7 @@ from dataset import DatasetError, load_split, read_meta
 from experiments import probe
 from experiments.run_experiments import default_tasks, read_records
 from model import GPT, GPTConfig, flops_per_token, load_checkpoint
-from train import ArgumentParser, UsageError
+from configurator import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSUMED_FLOPS = 2.5e14  # sustained FLOP/s on one H100/H200 (25% of the bf16 peak), see the docstring

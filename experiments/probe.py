@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run by path, not with -m: the modules it import
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 from nitp import effective_rank, implicit_token_loss, mean_pairwise_cosine
 from dataset import DatasetError, load_split, read_meta, val_offsets
-from train import ArgumentParser, UsageError
+from configurator import ArgumentParser, UsageError
 
 PROXY_NOTE = ("retrieval is a proxy, not MTEB: first half of a held-out document -> its second half among N, "
               "by cosine of mean-pooled final states")

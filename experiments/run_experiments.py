@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run by path, not with -m: the modules it import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks
+import configurator
 import train
 from experiments import probe
 from model import CheckpointError, GPTConfig, load_checkpoint
@@ -91,7 +92,7 @@ def settings_hash(cfg, model_args):
     """8 hex digits of the effective settings: the same run however its arguments are spelled. Only
     the values that differ from train.py's defaults count, so a knob added to train.py later (with
     a default) does not invalidate the finished runs."""
-    default = dataclasses.asdict(train.TrainConfig())
+    default = dataclasses.asdict(configurator.TrainConfig())
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out_dir", "init_from") and v != default[k]}
     blob = json.dumps({"train": settings, "model": model_args}, sort_keys=True)
@@ -251,7 +252,7 @@ def main(argv):
     """Run the experiment; returns the exit code (2: bad input, told in one line)."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = train.ArgumentParser(description=__doc__.strip().splitlines()[0])  # a usage error: one line, exit 2
+    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])  # a usage error: one line, exit 2
     p.add_argument("--variants", default="ntp,nitp",
                    help=f"comma-separated, or all; from: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N, the same for every variant")

@@ -6,7 +6,6 @@ resume, meta-device construction with the non-FSDP weights), router precision, M
     python -m pytest -q tests/test_memory.py
 """
 import json
-import os
 
 import pytest
 import torch

@@ -359,3 +359,17 @@ def test_the_router_scores_are_fp32_values_under_bf16_autocast():
         scores, _, _ = layer.route(x)
     want = (x.double() @ layer.router.weight.detach().double().T).softmax(dim=-1)
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_every_deliberate_bug_of_mutants_py_still_applies_and_names_an_existing_test():
+    """tests/mutants.py runs for ~20 minutes, so it is not in the suite; this keeps its list true: each bug's line is
+    in its file exactly once (so the bug can be applied) and the test that must catch it exists."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutants", ROOT / "tests" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    for name, path, old, new, test in mutants.MUTATIONS:
+        assert (ROOT / path).read_text().count(old) == 1, f"{name}: its line is not once in {path}"
+        assert old != new, name
+        file, _, function = test.partition("::")
+        assert f"def {function.split('[')[0]}(" in (ROOT / file).read_text(), f"{name}: no test {test}"

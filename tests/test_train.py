@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import model as model_py
+import configurator
 import dataset
 import sample
 import train
@@ -46,7 +47,7 @@ def test_cli_parses_types_and_config_files(tmp_path):
 
 
 def test_lr_schedule():
-    cfg = model_py.TrainConfig(max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr=0.1, decay_frac=0.2)
+    cfg = configurator.TrainConfig(max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr=0.1, decay_frac=0.2)
     lrs = [train.get_lr(it, cfg) for it in range(100)]
     assert lrs[0] > 0  # the first step already learns
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
@@ -126,7 +127,7 @@ def test_gradient_accumulation_equals_gradient_of_the_mean_loss(data_dir, tmp_pa
     k = 3
     assert run_train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1", "--grad_clip=0",
                      f"--gradient_accumulation_steps={k}", "--seed=5") == 0
-    cfg = model_py.TrainConfig(seed=5)
+    cfg = configurator.TrainConfig(seed=5)
     mcfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
     torch.manual_seed(cfg.seed)
     ref = GPT(mcfg)

@@ -22,7 +22,8 @@ import torch
 
 import train
 from conftest import ROOT, TINY, make_dataset, run_script
-from model import GPT, GPTConfig, TrainConfig, load_checkpoint
+from configurator import TrainConfig
+from model import GPT, GPTConfig, load_checkpoint
 
 
 def start(*args, cwd=ROOT, torchrun=False):
@@ -60,8 +61,8 @@ def test_help_shows_each_knobs_comment_type_and_default():
     def flat(text):  # argparse wraps lines, also after a hyphen
         return re.sub(r"-\s+", "-", " ".join(text.split()))
     text = flat(out.stdout)
-    source = (ROOT / "model.py").read_text().splitlines()
-    for cls in (TrainConfig, GPTConfig):
+    for cls, file in ((TrainConfig, "configurator.py"), (GPTConfig, "model.py")):
+        source = (ROOT / file).read_text().splitlines()
         for f in dataclasses.fields(cls):  # the comment, read here with a plain regex on the field's line
             comment = next(m[1] for line in source if (m := re.match(rf"\s+{f.name}: \w+ = .*?  # (.*)$", line)))
             kind = type(f.default).__name__.upper()

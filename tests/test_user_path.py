@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 import prepare_data as pd
 import sample
-import train
+import configurator
 from conftest import ROOT, TINY, run_script
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
@@ -285,7 +284,7 @@ def test_every_flag_named_in_a_message_exists():
 
 # --- presets (issue 24, item 10)
 def test_every_preset_writes_to_its_own_out_dir():
-    out_dirs = [[f for f in train.read_config_file(preset) if f.startswith("--out_dir=")]
+    out_dirs = [[f for f in configurator.read_config_file(preset) if f.startswith("--out_dir=")]
                 for preset in sorted((ROOT / "config").glob("*.py"))]
     assert all(len(o) == 1 for o in out_dirs), out_dirs
     out_dirs = [o[0] for o in out_dirs]
