@@ -1,5 +1,5 @@
 """A model small enough to try every knob on a CPU in seconds: 200 steps, validation loss 5.79 -> 2.24, in
-14 s on an idle 2-core x86_64 KVM (bench/RESULTS.md); train.py's own defaults are the README's ~2 minute run.
+14 s on an idle 2-core x86_64 KVM (bench/RESULTS.md); train.py's own defaults are the README's 2-3 minute run.
 
     python train.py config/cpu_tiny.py --nitp_layer=2
 """
