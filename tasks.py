@@ -212,7 +212,8 @@ def own_task(val, eot, block_size, n_items, seed, nbytes):
     docs = [(s + 1, e) for s, e in zip(starts, list(starts[1:]) + [len(val)]) if e - s - 1 >= passage + span]
     if len(docs) < 2:
         raise TaskError(f"the own task needs 2 validation documents of at least {passage + span} tokens (each led by "
-                        f"the eot id in meta.json), the data has {len(docs)}: prepare more validation data")
+                        f"the eot id in meta.json), the data has {len(docs)}: prepare a corpus of more documents, or "
+                        "leave `own` out of the tasks")
     rng, sizes, items = np.random.default_rng(seed), np.array([e - s for s, e in docs], dtype=np.float64), []
     for _ in range(n_items):
         d = rng.choice(len(docs), p=sizes / sizes.sum())  # by length: every token equally likely to start a passage
