@@ -66,6 +66,33 @@ def current_bytes(device):
         return int(f.read().split()[1]) * 4096
 
 
+def autocast(device):  # bf16 on CUDA, fp32 on the CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def training_setup(cfg, batch_size, block_size, device, checkpointing=False):
+    """(model, optimizer, one batch of ids) for timing training steps, seeded."""
+    torch.manual_seed(0)
+    gpt = GPT(cfg).to(device)
+    for block in gpt.transformer.h:
+        block.checkpoint = checkpointing
+    opt = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    return gpt, opt, torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=device)
+
+
+def timed_step(gpt, opt, idx, device):
+    """Seconds of one training step (forward, backward, AdamW), the device synchronised."""
+    t0 = time.perf_counter()
+    with autocast(device):
+        _, losses = gpt(idx, idx)
+    losses["total"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def measure(shape, what, variant, batch_size, block_size, steps, device):
     """One measurement, meant for a fresh process: {"peak_gb": ..., "ms": ...}."""
     device = torch.device(device)
@@ -73,59 +100,36 @@ def measure(shape, what, variant, batch_size, block_size, steps, device):
     if variant == "plain":
         model.linear_cross_entropy = plain_cross_entropy  # what GPT.forward calls
     chunk = max(1, model.CE_CHUNK_LOGITS // cfg.vocab_size)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    torch.manual_seed(0)
     if what == "loss":
+        torch.manual_seed(0)
         h = torch.randn(batch_size * block_size, cfg.n_embd, device=device, requires_grad=True)  # (N, C)
         weight = torch.randn(cfg.vocab_size, cfg.n_embd, device=device, requires_grad=True)  # (V, C)
         targets = torch.randint(0, cfg.vocab_size, (batch_size * block_size,), device=device)
         base = current_bytes(device)
         t0 = time.perf_counter()
-        with ctx:
+        with autocast(device):
             loss = model.linear_cross_entropy(h, weight, targets, chunk)
         loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
     else:
-        gpt = GPT(cfg).to(device)
-        for block in gpt.transformer.h:
-            block.checkpoint = variant == "chunked+ckpt"
-        opt = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-        idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=device)
+        gpt, opt, idx = training_setup(cfg, batch_size, block_size, device, variant == "chunked+ckpt")
         base = 0  # the whole process: the issue's measure
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            with ctx:
-                _, losses = gpt(idx, idx)
-            losses["total"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ms = 1000 * (time.perf_counter() - t0)
-    print(json.dumps({"peak_gb": (peak_bytes(device) - base) / 1e9, "ms": ms}))
+        seconds = [timed_step(gpt, opt, idx, device) for _ in range(steps)][-1]
+    print(json.dumps({"peak_gb": (peak_bytes(device) - base) / 1e9, "ms": 1000 * seconds}))
 
 
 def paired_step_ratio(shape, batch_size, block_size, rounds, device):
     """Median over `rounds` of (chunked step time / plain step time), the two steps run back to back in one process
     on one model and batch (after one untimed step of each), with their times."""
     device = torch.device(device)
-    cfg, chunked = shape_config(shape, block_size), model.linear_cross_entropy
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    torch.manual_seed(0)
-    gpt = GPT(cfg).to(device)
-    opt = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-    idx = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=device)
+    chunked = model.linear_cross_entropy
+    gpt, opt, idx = training_setup(shape_config(shape, block_size), batch_size, block_size, device)
 
     def step(loss_fn):
         model.linear_cross_entropy = loss_fn  # what GPT.forward calls
-        t0 = time.perf_counter()
-        with ctx:
-            _, losses = gpt(idx, idx)
-        losses["total"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return timed_step(gpt, opt, idx, device)
     try:
         step(plain_cross_entropy), step(chunked)  # warm-up: allocator, kernels, AdamW state
         pairs = [(step(plain_cross_entropy), step(chunked)) for _ in range(rounds)]
