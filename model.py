@@ -223,6 +223,7 @@ def cross_entropy_chunks(h, weight, targets, chunk, grads):
     loss = torch.zeros((), device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros_like(weight, dtype=loss.dtype) if grads else None
+    weight_mm = None  # weight in the logits' dtype, cast once for all chunks (bf16 under autocast)
     for i in range(0, h.size(0), chunk):
         hc, tc, vc = h[i:i + chunk], targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]  # (n, C), (n,), (n,)
         logits = F.linear(hc, weight)  # (n, V), in the matmul dtype (bf16 under autocast), as lm_head gives
@@ -232,7 +233,8 @@ def cross_entropy_chunks(h, weight, targets, chunk, grads):
             g = logp.exp_()  # in place: no second (n, V) tensor
             g[torch.arange(len(tc), device=g.device), tc] -= 1
             g = g.mul_((vc * scale)[:, None]).to(logits.dtype)  # (n, V); as the backward of .float() rounds it
-            grad_h[i:i + chunk] = g @ weight.to(g.dtype)  # (n, C)
+            weight_mm = weight.to(g.dtype) if weight_mm is None else weight_mm
+            grad_h[i:i + chunk] = g @ weight_mm  # (n, C)
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), hc)  # (V, C), accumulated without a (V, C) temporary
             else:  # bf16 matmul under autocast, summed in fp32 over chunks

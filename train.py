@@ -6,9 +6,9 @@ Train a GPT with next-token + next-implicit-token prediction (NITP), on one devi
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 
 Knobs are the fields of TrainConfig (configurator.py) and GPTConfig (model.py): `--key=value` sets one, a config
-file of `key = value` lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt (replaced atomically)
-and config.json (a fresh run refuses a folder holding a run unless --overwrite=true); `--init_from=resume` continues
-ckpt.pt with the same data, dropout masks and loss scale. `--wandb_project=NAME` mirrors the log to wandb.
+file of `key = value` lines (config/) several; flags win. Writes out_dir/log.jsonl (a JSON record per line), ckpt.pt
+(replaced atomically) and config.json (a fresh run refuses a folder holding a run unless --overwrite=true);
+`--init_from=resume` continues ckpt.pt with the same data, dropout masks and loss scale. `--wandb_project=NAME` mirrors the log to wandb.
 Reading order: the command line, the schedule, evaluation, then run(): the setup, then the loop in the order it runs.
 """
 import dataclasses
@@ -432,8 +432,9 @@ def run(argv, cleanup, progress):
                         if master:
                             save_checkpoint(ckpt_path, {
                                 **state, "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(mcfg),
-                                "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val, "wandb_id": wandb_id,
-                                "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_token")}})
+                                "train_config": dataclasses.asdict(cfg), "iter_num": it, "val": val,
+                                "wandb_id": wandb_id, "data": {k: meta.get(k) for k in ("tokenizer", "vocab_size",
+                                                                                         "eot_token")}})
                         progress["saved"] = it
                 t0, timed_steps = time.time(), 0  # keep evaluation out of the step timing
             if it == cfg.max_iters:
