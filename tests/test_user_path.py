@@ -233,7 +233,8 @@ TORCHRUN_FLAGS = {"standalone", "nproc_per_node", "nnodes", "node_rank", "rdzv_b
 # Modules without a command line speak for the scripts that import them; scripts that build another script's command
 # line hold its flags as plain strings.
 SPEAKS_FOR = {"model.py": ["train.py"], "nitp.py": ["train.py"], "dataset.py": ["train.py"],
-              "hf.py": ["sample.py", "train.py"], "tasks.py": ["tasks.py", "train.py", "experiments/evaluate.py"], "bench/gpu.py": ["bench/gpu.py", "train.py"],
+              "hf.py": ["sample.py", "train.py"], "tasks.py": ["tasks.py", "train.py", "experiments/evaluate.py"],
+              "bench/gpu.py": ["bench/gpu.py", "train.py"],
               "bench/prepare_data.py": ["bench/prepare_data.py", "prepare_data.py"],
               "experiments/gpu_nitp.py": ["experiments/gpu_nitp.py", "train.py"],
               "experiments/run_experiments.py": ["experiments/run_experiments.py", "train.py"]}
