@@ -45,7 +45,7 @@ TOKENIZER_NOTES = {  # prepare_data.py's tokenizer name -> what to pair the expo
     "cl100k_base": _TIKTOKEN.format("cl100k_base"),
     "o200k_base": _TIKTOKEN.format("o200k_base"),
     "byte": "byte-level ids (UTF-8 bytes, end-of-text 256) have no standard Hugging Face tokenizer (ByT5's is "
-            "shifted by 3 ids): encode with prepare_data.get_tokenizer('byte') and feed the ids yourself.",
+            "shifted by 3 ids): encode with tokenizer.get_tokenizer('byte') and feed the ids yourself.",
 }
 
 
@@ -257,10 +257,10 @@ def write_tokenizer(folder, tokenizer, eot_token, tiktoken_file=None):
                 "the Hub's `gpt2` tokenizer gives the same ids.")
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern
 
-    from prepare_data import PrepareError, get_tokenizer
+    from tokenizer import TokenizerError, get_tokenizer
     try:
         encoding = get_tokenizer("gpt2", tiktoken_file).encoding
-    except PrepareError as e:
+    except TokenizerError as e:
         raise HFError(f"{e} (sample.py takes --tiktoken_file too)") from None
     eot = encoding.decode_single_token_bytes(encoding.eot_token).decode()
     with tempfile.NamedTemporaryFile("w", suffix=".tiktoken") as ranks:  # the converter reads ranks from a file

@@ -109,12 +109,12 @@ def main(argv):
         print(f"wrote {args.export_hf}: {info['architecture']}, {info['n_params'] / 1e6:.2f}M parameters, no nitp_head")
         print(info["tokenizer_note"])
         return
-    from prepare_data import PrepareError, get_tokenizer  # only sampling needs a tokenizer
+    from tokenizer import TokenizerError, get_tokenizer  # only sampling needs a tokenizer
     if not data.get("tokenizer"):
         p.error(f"{ckpt_path} does not record its tokenizer (written by an older train.py): retrain, or decode ids yourself")
     try:
         tok = get_tokenizer(data["tokenizer"], tiktoken_file=args.tiktoken_file)
-    except PrepareError as e:
+    except TokenizerError as e:
         p.error(str(e))
     torch.manual_seed(args.seed)
     # An empty prompt starts where every document starts: after the end-of-text id (prepare_data.py puts one first)

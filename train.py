@@ -254,11 +254,11 @@ def run(argv, cleanup, progress):
     check_fits(shape.num_params(), flops["total"] * tokens_per_iter, cfg, device, ptdtype, world_size, say)
     tasks = []  # downstream tasks, tokenised once; a text task needs the dataset's tokenizer
     if cfg.eval_tasks:
-        from prepare_data import PrepareError, get_tokenizer
+        from tokenizer import TokenizerError, get_tokenizer
         ranks = cfg.tiktoken_file if meta.get("tokenizer") == "gpt2" and cfg.tiktoken_file else None
         try:
             tokenizer = get_tokenizer(meta.get("tokenizer", ""), tiktoken_file=ranks)
-        except PrepareError as e:
+        except TokenizerError as e:
             if ranks:
                 raise UsageError(str(e)) from None
             tokenizer = None  # the own task still works; a text task says it needs the tokenizer

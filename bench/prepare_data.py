@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run by path, not with -m: the modules it import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_data
+from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_MB = 25  # the corpus is written as files of this size, so a smaller size is a prefix of a larger
@@ -136,7 +137,7 @@ def busy_cpu_seconds() -> float:
 
 def baseline(files: list[Path], tiktoken_file: str) -> dict:
     """One process, one enc.encode_ordinary call per document; only the calls are timed."""
-    enc = prepare_data.get_tokenizer("gpt2", tiktoken_file).encoding
+    enc = get_tokenizer("gpt2", tiktoken_file).encoding
     tokens = documents = 0
     seconds = 0.0
     busy, own, wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
@@ -155,7 +156,7 @@ def baseline(files: list[Path], tiktoken_file: str) -> dict:
 
 
 def _ceiling_worker(files, rank, n, tiktoken_file, barrier, results) -> None:
-    enc = prepare_data.get_tokenizer("gpt2", tiktoken_file).encoding
+    enc = get_tokenizer("gpt2", tiktoken_file).encoding
     docs = []
     for path in files:
         with open(path, encoding="utf-8") as f:

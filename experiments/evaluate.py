@@ -56,7 +56,7 @@ def parse_args(argv):
 def evaluate(args):
     """The scores of the checkpoint in args.out_dir on args.tasks."""
     from experiments.probe import ProbeError, dataset_of
-    from prepare_data import PrepareError, get_tokenizer
+    from tokenizer import TokenizerError, get_tokenizer
     from sample import load_model
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     model, ckpt = load_model(ckpt_path, args.device)
@@ -70,7 +70,7 @@ def evaluate(args):
     if meta.get("tokenizer"):
         try:
             tokenizer = get_tokenizer(meta["tokenizer"], tiktoken_file=args.tiktoken_file)
-        except PrepareError as e:  # the own task needs no tokenizer; text tasks do
+        except TokenizerError as e:  # the own task needs no tokenizer; text tasks do
             if any(t.strip().partition(":")[0] != "own" for t in args.tasks.split(",")):
                 raise TaskError(str(e) if args.tiktoken_file else f"the {meta['tokenizer']} tokenizer cannot be "
                                 "built here (offline?): pass --tiktoken_file=PATH/gpt2.tiktoken") from None

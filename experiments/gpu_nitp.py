@@ -8,7 +8,7 @@ NTP then NITP on one GPU in about ten minutes, offline: corpus, two runs, curves
 1. Corpus: the .py files of this Python (the standard library and site-packages, which run to
    hundreds of megabytes on a machine with torch), in a fixed pseudo-random order, capped at
    --corpus_mb; files over 1 MB (generated tables) are left out. Tokenised with GPT-2 BPE from the
-   --tiktoken_file (prepare_data.get_tokenizer, no network) by one process per CPU, into
+   --tiktoken_file (tokenizer.py's get_tokenizer, no network) by one process per CPU, into
    <out>/data/<name>/ in prepare_data.py's format (eot before every file; every 100th file of that
    order is a validation document, ~1%). Reused when it exists with the same recipe.
 2. Training: `python train.py` twice, NTP (--nitp_weight=0) and then NITP (the paper's defaults), with
@@ -60,6 +60,7 @@ from dataset import DatasetError, load_split, read_meta
 from experiments import probe
 from experiments.run_experiments import default_tasks, read_records
 from model import GPT, GPTConfig, flops_per_token, load_checkpoint
+from tokenizer import TokenizerError, get_tokenizer
 from configurator import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ _tokenizer = None
 
 def _init_worker(name, tiktoken_file):
     global _tokenizer
-    _tokenizer = prepare_data.get_tokenizer(name, tiktoken_file)
+    _tokenizer = get_tokenizer(name, tiktoken_file)
 
 
 def _encode_files(paths):
@@ -128,7 +129,7 @@ def _encode_files(paths):
 
 def build_corpus(out_root, tokenizer, tiktoken_file, max_bytes, num_proc, val_every=100):
     """A dataset folder of this Python's sources in prepare_data.py's format -> (its path, meta)."""
-    tok = prepare_data.get_tokenizer(tokenizer, tiktoken_file)  # raises PrepareError for a bad file
+    tok = get_tokenizer(tokenizer, tiktoken_file)  # raises TokenizerError for a bad file
     name = f"pysources_{tokenizer}"
     final = os.path.join(out_root, name)
     roots, files = python_sources(max_bytes)
@@ -429,7 +430,7 @@ def main(argv):
             [f"--tiktoken_file={os.path.abspath(args.tiktoken_file)}"] if args.tiktoken_file else [])
         for name, extra in (("ntp", ["--nitp_weight=0"]), ("nitp", [])):
             watch_run(name, common + extra, args.out, log, p, data, device, say)
-    except (UsageError, DatasetError, prepare_data.PrepareError, probe.ProbeError) as e:
+    except (UsageError, DatasetError, prepare_data.PrepareError, TokenizerError, probe.ProbeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -24,6 +24,7 @@ import pytest
 import prepare_data as pd
 import dataset
 from prepare_data import PrepareConfig, PrepareError, prepare
+from tokenizer import TiktokenTokenizer, TokenizerError
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_FILE = Path(os.environ.get("NITP_GPT2_TIKTOKEN", REPO.parent / "shared/tokenizers/gpt2.tiktoken"))
@@ -69,7 +70,7 @@ def config(tmp_path, inputs, **options) -> PrepareConfig:
     return PrepareConfig(inputs=tuple(str(i) for i in inputs), out_dir=str(tmp_path / "data"), **options)
 
 
-class FakeTokenizer(pd.TiktokenTokenizer):
+class FakeTokenizer(TiktokenTokenizer):
     """The byte tokenizer with encode_array replaced, to reach prepare() with ids or failures of our choice."""
 
     def __init__(self, encode_array, vocab_size=257, eot_token=256):
@@ -102,11 +103,11 @@ def test_gpt2_from_file_matches_known_ids():
 def test_wrong_rank_file_is_refused(tmp_path):
     fake = tmp_path / "fake.tiktoken"
     fake.write_text("IQ== 0\nIg== 1\n")  # a well-formed rank file that is not GPT-2's
-    with pytest.raises(PrepareError, match="is not the gpt2 rank file"):
+    with pytest.raises(TokenizerError, match="is not the gpt2 rank file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(fake))
-    with pytest.raises(PrepareError, match="builds the gpt2 tokenizer only"):
+    with pytest.raises(TokenizerError, match="builds the gpt2 tokenizer only"):
         pd.get_tokenizer("cl100k_base", tiktoken_file=str(fake))
-    with pytest.raises(PrepareError, match="cannot read --tiktoken_file"):
+    with pytest.raises(TokenizerError, match="cannot read --tiktoken_file"):
         pd.get_tokenizer("gpt2", tiktoken_file=str(tmp_path / "missing.tiktoken"))
 
 
@@ -117,7 +118,7 @@ def test_offline_tiktoken_gives_one_clear_error(monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
-    with pytest.raises(PrepareError, match="could not be fetched.*--tiktoken_file=PATH"):
+    with pytest.raises(TokenizerError, match="could not be fetched.*--tiktoken_file=PATH"):
         pd.get_tokenizer("gpt2")
 
 

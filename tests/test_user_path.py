@@ -18,6 +18,7 @@ import prepare_data as pd
 import sample
 import configurator
 from conftest import ROOT, TINY, run_script
+from tokenizer import TokenizerError
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
 SCRIPTS = ["train.py", "sample.py", "prepare_data.py", "tasks.py",
@@ -187,7 +188,7 @@ def test_gpt2_offline_fails_in_seconds_naming_a_flag_of_sample(tmp_path, monkeyp
         raise OSError("timed out")
     monkeypatch.setattr(socket, "create_connection", unanswered)
     start = time.perf_counter()
-    with pytest.raises(pd.PrepareError, match="could not be fetched") as err:
+    with pytest.raises(TokenizerError, match="could not be fetched") as err:
         pd.get_tokenizer("gpt2")
     assert time.perf_counter() - start < 6
     flags = set(FLAG.findall(str(err.value)))
@@ -233,13 +234,13 @@ TORCHRUN_FLAGS = {"standalone", "nproc_per_node", "nnodes", "node_rank", "rdzv_b
 # Modules without a command line speak for the scripts that import them; scripts that build another script's command
 # line hold its flags as plain strings.
 SPEAKS_FOR = {"model.py": ["train.py"], "nitp.py": ["train.py"], "dataset.py": ["train.py"],
-              "hf.py": ["sample.py", "train.py"], "tasks.py": ["tasks.py", "train.py", "experiments/evaluate.py"],
+              "hf.py": ["sample.py", "train.py"], "tokenizer.py": ["sample.py"], "tasks.py": ["tasks.py", "train.py", "experiments/evaluate.py"],
               "bench/gpu.py": ["bench/gpu.py", "train.py"],
               "bench/prepare_data.py": ["bench/prepare_data.py", "prepare_data.py"],
               "experiments/gpu_nitp.py": ["experiments/gpu_nitp.py", "train.py"],
               "experiments/run_experiments.py": ["experiments/run_experiments.py", "train.py"]}
-# prepare_data.py's tokenizer functions also answer sample.py: they may name only flags both have.
-SHARED = {"prepare_data.py": ({"get_tokenizer", "tiktoken_encoding", "HFTokenizer", "need"}, "sample.py")}
+# tokenizer.py answers sample.py and prepare_data.py: its messages may name only flags both have.
+SHARED = {"tokenizer.py": ({"get_tokenizer", "tiktoken_encoding", "HFTokenizer", "need"}, "prepare_data.py")}
 
 
 def statement_texts(path: Path):
@@ -268,7 +269,7 @@ def statement_texts(path: Path):
 
 def test_every_flag_named_in_a_message_exists():
     wrong = []
-    for file in [*SCRIPTS, "model.py", "nitp.py", "dataset.py", "hf.py"]:
+    for file in [*SCRIPTS, "model.py", "nitp.py", "dataset.py", "hf.py", "tokenizer.py"]:
         own = set().union(*(help_flags(s) for s in SPEAKS_FOR.get(file, [file])))
         shared_functions, also = SHARED.get(file, (set(), None))
         for line, function, text in statement_texts(ROOT / file):
